@@ -1,0 +1,28 @@
+"""Shared fixtures. One local Ray instance serves the whole test session (ray.init costs
+~2.5 s here); tests that need Ray take the `ray_session` fixture."""
+import os
+
+import pytest
+
+# Keep Ray quiet and local; more logical CPUs than cores so Train workers and Ray Data
+# actors can coexist (2 workers x 1 CPU + a Data stage on 2 CPUs hangs otherwise).
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=512 * 1024 * 1024,
+                 _temp_dir=None)
+    yield ray
+    try:
+        from ray import serve
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()

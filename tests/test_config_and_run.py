@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from wsis_ray.config import ConfigError, load_config
+from wsis_ray.run import RunDir, RunDirError
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("round:\n  rounds: 5\nccgr:\n  iterations: 50\n")
+    cfg = load_config(p, ["ccgr.context_scale=2", "ss.bins=[1, 2]", "round.no_ccgr=true"])
+    assert cfg.round.rounds == 5
+    assert cfg.ccgr.iterations == 50
+    assert cfg.ccgr.context_scale == 2.0 and isinstance(cfg.ccgr.context_scale, float)
+    assert cfg.ss.bins == [1, 2]
+    assert cfg.round.no_ccgr is True
+
+
+@pytest.mark.parametrize("override", ["ccgr.iteratons=3", "nosuch.x=1", "ccgr.iterations=abc"])
+def test_bad_keys_and_types_are_errors(override):
+    with pytest.raises(ConfigError):
+        load_config(None, [override])
+
+
+def test_commit_then_tamper_is_not_done(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    assert not run.is_done("a")
+    run.write_text("a/out.txt", "hello")
+    run.commit("a", ["a/out.txt"], {"x": 1})
+    assert run.is_done("a")
+    assert run.metrics("a") == {"x": 1}
+    run.write_text("a/out.txt", "changed")
+    assert not run.is_done("a")
+    assert json.loads(run.read_text("manifest.json"))["steps"]["a"]["metrics"] == {"x": 1}
+
+
+def test_commit_refuses_missing_artefact(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    with pytest.raises(RunDirError):
+        run.commit("a", ["a/missing.parquet"])
+
+
+def test_other_config_is_refused(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    run.check_config(load_config())
+    run.check_config(load_config())  # same config: fine
+    with pytest.raises(RunDirError, match="different config"):
+        run.check_config(load_config(None, ["round.rounds=7"]))
+    run.check_config(load_config(None, ["round.rounds=7"]), force=True)

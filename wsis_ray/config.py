@@ -1,0 +1,273 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden from the command line.
+
+One `Config` holds a section per pipeline step. A YAML file names only what differs from
+the defaults; `--set section.field=value` (or bare `section.field=value`) overrides any
+field, the value parsed as YAML (so `3`, `0.5`, `true`, `[1, 2]` keep their types).
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Where the images and their image-level labels come from.
+
+    format: demo | jsonl | coco | voc.
+      demo  - generate (or reuse) the built-in synthetic COCO-format dataset under `root`.
+      jsonl - `train` is a JSON Lines file {"file_name", "labels"}; `root` the images root;
+              `classes` a text file with one class name per line.
+      coco  - `train` is a COCO instances JSON (only image-level categories are read).
+      voc   - `root` is VOCdevkit/VOC2012; `train` an ImageSets list name (e.g. "train").
+    val: evaluation ground truth: a COCO instances JSON, or a VOC Segmentation list name.
+    """
+    format: str = "demo"
+    root: str = "data/demo"
+    train: str = ""
+    val: str = ""
+    val_root: str = ""
+    classes: str = ""
+    skip_invalid: bool = False
+    # demo generator
+    demo_classes: int = 4
+    demo_train_images: int = 200
+    demo_val_images: int = 50
+    demo_seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    """ResNet trunk shared by the CAM, affinity, MIL and SS networks (paper: ResNet-50).
+
+    pretrained: none | imagenet | a path to a torchvision state dict.
+    share_trunk: each branch starts from the latest trunk weights trained by the previous
+    step (the paper's shared convolutional layers under iterative optimization).
+    """
+    name: str = "resnet18"
+    pretrained: str = "none"
+    share_trunk: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train scaling and fault tolerance, shared by every trained network."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str = ""  # "" = <run_dir>/ray_train
+    max_failures: int = 2
+    checkpoint_every: int = 50
+    amp: bool = True  # only takes effect on GPU
+    seed: int = 0
+
+
+@dataclass
+class CAMConfig:
+    """Classification network with class response maps and PRM peaks (round-0 seeds)."""
+    image_size: int = 160
+    batch_size: int = 16
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    peak_window: int = 3
+    peak_threshold: str = "median"  # "median" or a float in response-map units
+
+
+@dataclass
+class ProposalConfig:
+    """Object proposals with an objectness score B_S (MCG substitute)."""
+    method: str = "selective_search"  # selective_search | mcg
+    max_proposals: int = 300
+    mcg_dir: str = ""
+    min_size: int = 4
+
+
+@dataclass
+class BagConfig:
+    """Peak bags and their ranking (Eq. 4)."""
+    size: int = 10
+    background_weight: float = 0.1
+
+
+@dataclass
+class AffinityConfig:
+    """AffinityNet (Ahn & Kwak 2018) pseudo semantic labels for round 0."""
+    fg_threshold: float = 0.30
+    bg_threshold: float = 0.05
+    radius: int = 5
+    beta: float = 8.0
+    walk_iterations: int = 256  # exponent t of the transition matrix
+    image_size: int = 160
+    batch_size: int = 8
+    steps: int = 200
+    lr: float = 1e-3
+
+
+@dataclass
+class MILConfig:
+    """WSDDN over peak bags."""
+    image_size: int = 160
+    batch_size: int = 1
+    steps: int = 300
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    roi_size: int = 7
+    hidden: int = 256
+
+
+@dataclass
+class SSConfig:
+    """FCN + pyramid pooling semantic segmentation branch."""
+    image_size: int = 160
+    batch_size: int = 8
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    ignore_index: int = 255
+
+
+@dataclass
+class CCGRConfig:
+    """Center-context-gap refinement (Eq. 2-3)."""
+    enabled: bool = True
+    iterations: int = 200
+    context_scale: float = 1.5
+    lr: float = 0.02  # Adam step, in units of the box's own size (scale-invariant)
+    min_size: float = 2.0
+    mask_threshold: float = 0.5
+    batch_images: int = 8
+
+
+@dataclass
+class ISConfig:
+    """Mask R-CNN instance segmentation branch (torchvision)."""
+    backbone: str = "resnet18"
+    min_size: int = 160
+    max_size: int = 224
+    batch_size: int = 4
+    steps: int = 300
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    light_heads: bool = True
+    fpn_channels: int = 256
+    rpn_pre_nms_top_n_train: int = 600
+    rpn_post_nms_top_n_train: int = 300
+    rpn_batch_size_per_image: int = 128
+    box_batch_size_per_image: int = 128
+    score_threshold: float = 0.05
+    detections_per_img: int = 100
+
+
+@dataclass
+class RoundConfig:
+    """The iterative optimization and its ablation switches."""
+    rounds: int = 3
+    no_ccgr: bool = False
+    no_mil: bool = False
+    supervision: str = "image"  # image | full (upper bound: Mask R-CNN on GT masks)
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cam: CAMConfig = field(default_factory=CAMConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    bags: BagConfig = field(default_factory=BagConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    mil: MILConfig = field(default_factory=MILConfig)
+    ss: SSConfig = field(default_factory=SSConfig)
+    ccgr: CCGRConfig = field(default_factory=CCGRConfig)
+    instance: ISConfig = field(default_factory=ISConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                          f"valid keys under '{where or '<top>'}': {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config '{where}{f.name}' must be a mapping, got {v!r}")
+            kwargs[f.name] = _build(t, v, f"{where}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(v, t, where + f.name)
+    return cls(**kwargs)
+
+
+def _coerce(v: Any, t: Any, name: str) -> Any:
+    if t is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    origin = typing.get_origin(t) or t
+    if origin is list:
+        if not isinstance(v, list):
+            raise ConfigError(f"config '{name}' must be a list, got {v!r}")
+        return list(v)
+    if origin in (int, float, str, bool) and not isinstance(v, origin):
+        if origin is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)
+        raise ConfigError(f"config '{name}' must be {origin.__name__}, got {v!r}")
+    if origin is int and isinstance(v, bool):
+        raise ConfigError(f"config '{name}' must be int, got {v!r}")
+    return v
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    d[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then `key.sub=value` overrides in order."""
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        values = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_path(values, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return _build(Config, values, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

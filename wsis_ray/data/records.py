@@ -1,0 +1,113 @@
+"""Record types and Parquet schemas shared by every step.
+
+`ImageRecord` is what training code sees of an image: it has no field for masks or boxes,
+so the method can only use image-level labels by construction. Ground truth for evaluation
+lives elsewhere (`wsis_ray.data.groundtruth`).
+
+Class ids are 0-based indices into the dataset's class list everywhere inside wsis_ray.
+Networks that need a background class put it at index 0 and shift (SS score maps: channel
+0 = background, channel c+1 = class c; Mask R-CNN labels: c+1). COCO exports map back to the
+dataset's own category ids.
+
+All Parquet files use plain Arrow types (no Ray extension types), masks as COCO RLE strings,
+so they read with `pyarrow.parquet.read_table` and nothing else.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pycocotools import mask as mask_utils
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One training image with its image-level labels (the paper's I_n and L_n)."""
+    image_id: int
+    path: str
+    height: int
+    width: int
+    class_ids: tuple[int, ...]
+
+
+BOX = pa.list_(pa.float32(), 4)
+
+PROPOSALS_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("boxes", pa.list_(BOX)),            # [x1, y1, x2, y2] in image pixels
+    ("objectness", pa.list_(pa.float32())),  # B_S in [0, 1]
+])
+
+PEAKS_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("class_id", pa.int32()),
+    ("x", pa.float32()),
+    ("y", pa.float32()),
+    ("score", pa.float32()),
+])
+
+BAGS_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("bag_id", pa.int32()),
+    ("class_id", pa.int32()),
+    ("peak_x", pa.float32()),           # the bag's peak (round 0) ...
+    ("peak_y", pa.float32()),
+    ("source_box", BOX),                # ... or the IS box it came from (later rounds; else null)
+    ("proposal_indices", pa.list_(pa.int32())),  # into that image's proposals, best-ranked first
+])
+
+PSEUDO_LABEL_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("class_id", pa.int32()),
+    ("box_before", BOX),                 # MIL-selected box
+    ("box_after", BOX),                  # CCGR-refined box (== box_before with CCGR off)
+    ("score", pa.float32()),
+    ("rle_counts", pa.string()),         # COCO compressed RLE of the pseudo instance mask
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("round", pa.int32()),
+    ("ccgr_loss", pa.float32()),         # Eq. 3 at the final box
+    ("ccgr_iterations", pa.int32()),
+    ("stop_reason", pa.string()),
+])
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """Binary HxW mask -> COCO compressed RLE counts string."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return rle["counts"].decode("ascii")
+
+
+def decode_mask(counts: str, height: int, width: int) -> np.ndarray:
+    """COCO compressed RLE counts string -> bool HxW mask."""
+    rle = {"counts": counts.encode("ascii"), "size": [int(height), int(width)]}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Any pyarrow filesystem URI (local path, s3://, gs://) -> (filesystem, path)."""
+    if "://" not in uri:
+        import os
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def write_table_atomic(table: pa.Table, uri: str) -> None:
+    """Write Parquet under a temporary name, then rename, so a reader (or a resumed run)
+    never sees a half-written file under the final name."""
+    fs, path = resolve_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+    with fs.open_output_stream(tmp) as out:
+        pq.write_table(table, out)
+    fs.move(tmp, path)
+
+
+def read_table(uri: str) -> pa.Table:
+    fs, path = resolve_fs(uri)
+    return pq.read_table(path, filesystem=fs)
