@@ -1,0 +1,195 @@
+"""Ray Data stages of a round: SS inference and CCGR refinement, writing Parquet pseudo labels.
+
+    images + selected boxes + peaks
+      └─ map_batches(ScoreMaps)   actor pool; the SS branch's softmax score maps (GPU when present)
+      └─ map_batches(Refine)      actor pool (min..max: autoscales); CCGR (Eq. 2-3) + pseudo masks
+      └─ write_parquet            PSEUDO_LABEL_SCHEMA, plain Arrow types
+
+Both stage callables are ordinary classes, so `refine_local` runs the very same code in a
+plain loop (for tests and for measuring Ray's overhead in bench/refine.py).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from wsis_ray import ccgr
+from wsis_ray.config import CCGRConfig
+from wsis_ray.data.datasets import load_image
+from wsis_ray.data.records import PSEUDO_LABEL_SCHEMA, ImageRecord, encode_mask, resolve_fs
+
+ScoreFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def image_rows(records: list[ImageRecord], boxes: pa.Table, anchors: pa.Table) -> list[dict]:
+    """One row per image that has boxes: its record, its boxes (class, score, anchor peak)
+    and every anchor (peak) of the image, which the CCGR peak rule needs.
+
+    boxes:   image_id, class_id, box [x1,y1,x2,y2], score, peak_x, peak_y
+    anchors: image_id, class_id, x, y  (round 1: the CAM peaks; later: the bags' anchors)
+    """
+    by_image: dict[int, dict[str, list]] = {}
+    for r in boxes.to_pylist():
+        d = by_image.setdefault(r["image_id"], {"boxes": [], "class_ids": [], "scores": [],
+                                                "peaks": []})
+        d["boxes"].append([float(v) for v in r["box"]])
+        d["class_ids"].append(int(r["class_id"]))
+        d["scores"].append(float(r["score"]))
+        d["peaks"].append([float(r["peak_x"]), float(r["peak_y"])])
+    all_peaks: dict[int, list] = {}
+    for a in anchors.to_pylist():
+        all_peaks.setdefault(a["image_id"], []).append([float(a["class_id"]), float(a["x"]),
+                                                        float(a["y"])])
+    rows = []
+    for rec in records:
+        if rec.image_id not in by_image:
+            continue
+        d = by_image[rec.image_id]
+        rows.append({"image_id": rec.image_id, "path": rec.path, "height": rec.height,
+                     "width": rec.width, **d,
+                     "all_peaks": all_peaks.get(rec.image_id, [])})
+    return rows
+
+
+class ScoreMaps:
+    """Stage 1: the SS branch's class score maps (C+1, H, W) for each image in the batch."""
+
+    def __init__(self, make_score_fn: Callable[[], ScoreFn], num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.score_fn = make_score_fn()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        images = [load_image(ImageRecord(int(i), str(p), int(h), int(w), ()))
+                  for i, p, h, w in zip(batch["image_id"], batch["path"], batch["height"],
+                                        batch["width"])]
+        maps = self.score_fn(images)
+        out = {k: v for k, v in batch.items() if k != "path"}
+        # float16 halves what moves between stages; CCGR works in float32 again.
+        out["scores"] = _ragged([m.astype(np.float16) for m in maps])
+        return out
+
+
+class Refine:
+    """Stage 2: CCGR on every box of the batch in one tensor program, then pseudo masks."""
+
+    def __init__(self, cfg: dict, round_index: int, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.cfg = CCGRConfig(**cfg)
+        self.round = round_index
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows = refine_batch(batch, self.cfg, self.round)
+        return pa.Table.from_pylist(rows, schema=PSEUDO_LABEL_SCHEMA)
+
+
+def refine_batch(batch: dict[str, np.ndarray], cfg: CCGRConfig, round_index: int) -> list[dict]:
+    """Refine all boxes of a batch of images; return PSEUDO_LABEL_SCHEMA rows."""
+    maps = [torch.from_numpy(np.asarray(s, dtype=np.float32)) for s in batch["scores"]]
+    boxes, img_idx, cls, own_peak, scores = [], [], [], [], []
+    pk_img, pk_cls, pk_xy = [], [], []
+    for i in range(len(maps)):
+        for b, c, s, p in zip(batch["boxes"][i], batch["class_ids"][i], batch["scores"][i],
+                              batch["peaks"][i]):
+            boxes.append(np.asarray(b, dtype=np.float32))
+            img_idx.append(i)
+            cls.append(int(c))
+            scores.append(float(s))
+            own_peak.append(np.asarray(p, dtype=np.float32))
+        for c, x, y in batch["all_peaks"][i]:
+            pk_img.append(i)
+            pk_cls.append(int(c))
+            pk_xy.append((x, y))
+    if not boxes:
+        return []
+    before = torch.from_numpy(np.stack(boxes))
+    image_index = torch.tensor(img_idx)
+    class_ids = torch.tensor(cls)
+    if cfg.enabled:
+        result = ccgr.refine(
+            maps, before, image_index, class_ids,
+            peak_xy=torch.from_numpy(np.stack(own_peak)),
+            peaks=ccgr.Peaks(image_index=torch.tensor(pk_img, dtype=torch.long),
+                             class_ids=torch.tensor(pk_cls, dtype=torch.long),
+                             xy=torch.tensor(pk_xy, dtype=torch.float32).reshape(-1, 2)),
+            cfg=cfg)
+        after, loss, iters, reasons = (result.boxes, result.loss.tolist(),
+                                       result.iterations.tolist(), result.stop_reason)
+    else:
+        after = before
+        loss = ccgr.ccgr_loss(maps, before, image_index, class_ids, cfg).tolist()
+        iters, reasons = [0] * len(boxes), ["disabled"] * len(boxes)
+    masks = ccgr.pseudo_masks(maps, after, image_index, class_ids, cfg.mask_threshold)
+    rows = []
+    for k in range(len(boxes)):
+        h, w = maps[img_idx[k]].shape[-2:]
+        rows.append({
+            "image_id": int(batch["image_id"][img_idx[k]]), "class_id": cls[k],
+            "box_before": before[k].tolist(), "box_after": after[k].tolist(),
+            "score": scores[k], "rle_counts": encode_mask(masks[k]),
+            "height": int(h), "width": int(w), "round": round_index,
+            "ccgr_loss": float(loss[k]), "ccgr_iterations": int(iters[k]),
+            "stop_reason": reasons[k],
+        })
+    return rows
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def run_refine_stage(rows: list[dict], make_score_fn: Callable[[], ScoreFn], cfg: CCGRConfig,
+                     round_index: int, out_uri: str, *, min_actors: int = 1,
+                     max_actors: int = 2, batch_size: int = 8, num_gpus: float = 0.0,
+                     cpus_per_actor: float = 1.0) -> dict[str, Any]:
+    """Run the two stages on Ray Data and write the pseudo labels as Parquet under `out_uri`
+    (a directory). Written under a temporary name first and renamed when complete, so a
+    killed stage never leaves a directory that looks finished."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    t0 = time.time()
+    fs, out_path = resolve_fs(out_uri)
+    parent = out_path.rsplit("/", 1)[0]
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    fs.create_dir(tmp, recursive=True)
+    threads = max(1, int(cpus_per_actor))
+    ds = ray.data.from_items(rows)
+    ds = ds.map_batches(ScoreMaps, fn_constructor_kwargs={"make_score_fn": make_score_fn,
+                                                          "num_threads": threads},
+                        batch_size=batch_size, batch_format="numpy",
+                        compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+                        num_gpus=num_gpus, num_cpus=cpus_per_actor)
+    ds = ds.map_batches(Refine, fn_constructor_kwargs={"cfg": asdict(cfg),
+                                                       "round_index": round_index,
+                                                       "num_threads": threads},
+                        batch_size=batch_size, batch_format="numpy",
+                        compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+                        num_cpus=cpus_per_actor)
+    ds.write_parquet(tmp, filesystem=fs)
+    if fs.get_file_info(out_path).type != 0:  # a previous, uncommitted attempt
+        fs.delete_dir(out_path)
+    fs.move(tmp, out_path)
+    return {"images": len(rows), "seconds": time.time() - t0}
+
+
+def refine_local(rows: list[dict], make_score_fn: Callable[[], ScoreFn], cfg: CCGRConfig,
+                 round_index: int, batch_size: int = 8) -> pa.Table:
+    """The same two stages in a plain loop, without Ray."""
+    scorer, refiner = ScoreMaps(make_score_fn), Refine(asdict(cfg), round_index)
+    tables = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        batch = {k: _ragged([r[k] for r in chunk]) if isinstance(chunk[0][k], list)
+                 else np.array([r[k] for r in chunk]) for k in chunk[0]}
+        tables.append(refiner(scorer(batch)))
+    return pa.concat_tables(tables) if tables else PSEUDO_LABEL_SCHEMA.empty_table()
