@@ -366,8 +366,8 @@ def load_voc(voc_root: str | os.PathLike, image_set: str = "train",
     voc_root = Path(voc_root)
     names = _read_classes(classes) if classes is not None else list(VOC_CLASSES)
     index = {n: i for i, n in enumerate(names)}
-    list_path, items = voc_image_set(voc_root, image_set)
     ids = voc_image_ids(voc_root)
+    list_path, items = voc_image_set(voc_root, image_set)
     cands = []
     for name in items:
         problems: list[str] = []

@@ -144,8 +144,8 @@ def load_voc_gt(voc_root: str | os.PathLike, image_set: str = "val",
 
     voc_root = Path(voc_root)
     names = _read_classes(classes) if classes is not None else list(VOC_CLASSES)
-    _, items = voc_image_set(voc_root, image_set, prefer="Segmentation")
     ids = voc_image_ids(voc_root)
+    _, items = voc_image_set(voc_root, image_set, prefer="Segmentation")
     gt = {}
     for name in items:
         obj_png = voc_root / "SegmentationObject" / f"{name}.png"
