@@ -111,3 +111,76 @@ def write_table_atomic(table: pa.Table, uri: str) -> None:
 def read_table(uri: str) -> pa.Table:
     fs, path = resolve_fs(uri)
     return pq.read_table(path, filesystem=fs)
+
+
+# ---------------------------------------------------------------------------- COCO export
+
+def _xywh(box) -> list[float]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def _pseudo_rows(table: pa.Table, dataset):
+    """Rows of a PSEUDO_LABEL_SCHEMA table, checked against the dataset's records."""
+    missing = set(PSEUDO_LABEL_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"pseudo-label table lacks column(s) {sorted(missing)}")
+    by_id = {r.image_id: r for r in dataset.records}
+    for row in table.to_pylist():
+        rec = by_id.get(row["image_id"])
+        if rec is None:
+            raise ValueError(f"pseudo label for image id {row['image_id']}, which is not in the dataset")
+        if (row["height"], row["width"]) != (rec.height, rec.width):
+            raise ValueError(f"pseudo label of image {row['image_id']} is {row['height']}x{row['width']}, "
+                             f"the image is {rec.height}x{rec.width}")
+        if not 0 <= row["class_id"] < len(dataset.category_ids):
+            raise ValueError(f"pseudo label class id {row['class_id']} outside the dataset's "
+                             f"{len(dataset.category_ids)} classes")
+        yield row, {"size": [row["height"], row["width"]], "counts": row["rle_counts"].encode("ascii")}
+
+
+def pseudo_labels_to_coco(table: pa.Table, dataset, images_root: str | None = None) -> dict:
+    """Pseudo labels (PSEUDO_LABEL_SCHEMA) -> COCO instances JSON that other toolkits
+    (detectron2, mmdetection, pycocotools) can train on. Every dataset image is listed;
+    `file_name` is the record path, relative to `images_root` when given. bbox/area are the
+    mask's; the MIL and CCGR boxes, score and round ride along as extra fields. Empty masks
+    are left out (counted in info)."""
+    import os
+
+    images = []
+    for r in dataset.records:
+        name = os.path.relpath(r.path, images_root) if images_root else r.path
+        images.append({"id": r.image_id, "file_name": name, "height": r.height, "width": r.width})
+    anns, empty = [], 0
+    for row, rle in _pseudo_rows(table, dataset):
+        area = int(mask_utils.area(rle))
+        if area == 0:
+            empty += 1
+            continue
+        anns.append({
+            "id": len(anns) + 1, "image_id": int(row["image_id"]),
+            "category_id": int(dataset.category_ids[row["class_id"]]),
+            "segmentation": {"size": rle["size"], "counts": row["rle_counts"]},
+            "area": area, "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
+            "score": float(row["score"]), "round": int(row["round"]),
+            "box_before": _xywh(row["box_before"]), "box_after": _xywh(row["box_after"]),
+        })
+    return {
+        "info": {"description": "wsis-ray pseudo instance labels (image-level supervision only)",
+                 "empty_masks_skipped": empty},
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": int(c), "name": n} for c, n in zip(dataset.category_ids, dataset.classes)],
+    }
+
+
+def results_from_pseudo_labels(table: pa.Table, dataset, box: str = "box_after") -> list[dict]:
+    """Pseudo labels as COCO results (for `wsis_ray.evaluate` against the training ground
+    truth: pseudo-label quality). bbox is the `box` column (box_after = CCGR-refined,
+    box_before = MIL-selected), so mAP^b measures the boxes themselves (paper, Fig. 5)."""
+    if box not in ("box_after", "box_before"):
+        raise ValueError(f"box must be box_after or box_before, got {box!r}")
+    return [{"image_id": int(row["image_id"]), "category_id": int(dataset.category_ids[row["class_id"]]),
+             "score": float(row["score"]), "bbox": _xywh(row[box]),
+             "segmentation": {"size": [row["height"], row["width"]], "counts": row["rle_counts"]}}
+            for row, _ in _pseudo_rows(table, dataset)]
