@@ -174,7 +174,8 @@ class RoundConfig:
     no_ccgr: bool = False
     no_mil: bool = False
     supervision: str = "image"  # image | full (upper bound: Mask R-CNN on GT masks)
-    seed: int = 0
+    bag_score_threshold: float = 0.5  # IS boxes at least this confident become next bags
+    seed_figures: bool = True  # peak/proposal/bag recall and seed mIoU on val (needs val GT)
 
 
 @dataclass

@@ -105,7 +105,7 @@ class RunDir:
             "seconds": seconds,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        self.write_text(MANIFEST, json.dumps(m, indent=1, sort_keys=True))
+        self.write_text(MANIFEST, json.dumps(m, indent=1))  # no sort_keys: keeps commit order
 
     def _hash(self, rel: str) -> str:
         """sha256 of a file, or of a directory's files (names and contents, sorted)."""

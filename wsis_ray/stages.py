@@ -10,6 +10,7 @@ plain loop (for tests and for measuring Ray's overhead in bench/refine.py).
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import asdict
@@ -116,15 +117,15 @@ def refine_batch(batch: dict[str, np.ndarray], cfg: CCGRConfig, round_index: int
         result = ccgr.refine(
             maps, before, image_index, class_ids,
             peak_xy=torch.from_numpy(np.stack(own_peak)),
-            peaks=ccgr.Peaks(image_index=torch.tensor(pk_img, dtype=torch.long),
-                             class_ids=torch.tensor(pk_cls, dtype=torch.long),
-                             xy=torch.tensor(pk_xy, dtype=torch.float32).reshape(-1, 2)),
+            peaks=(torch.tensor(pk_img, dtype=torch.long), torch.tensor(pk_cls, dtype=torch.long),
+                   torch.tensor(pk_xy, dtype=torch.float64).reshape(-1, 2)),
             cfg=cfg)
         after, loss, iters, reasons = (result.boxes, result.loss.tolist(),
                                        result.iterations.tolist(), result.stop_reason)
     else:
         after = before
-        loss = ccgr.ccgr_loss(maps, before, image_index, class_ids, cfg).tolist()
+        loss = ccgr.eq3_loss(maps, _clip(before, maps, img_idx), image_index, class_ids,
+                             cfg.context_scale).tolist()
         iters, reasons = [0] * len(boxes), ["disabled"] * len(boxes)
     masks = ccgr.pseudo_masks(maps, after, image_index, class_ids, cfg.mask_threshold)
     rows = []
@@ -139,6 +140,15 @@ def refine_batch(batch: dict[str, np.ndarray], cfg: CCGRConfig, round_index: int
             "stop_reason": reasons[k],
         })
     return rows
+
+
+def _clip(boxes: torch.Tensor, maps: list[torch.Tensor], img_idx: list[int]) -> torch.Tensor:
+    """Boxes clipped to their images (eq3_loss needs boxes inside the image)."""
+    hw = torch.tensor([maps[i].shape[-2:] for i in img_idx], dtype=boxes.dtype)
+    out = boxes.clone()
+    out[:, 0::2] = out[:, 0::2].clamp(min=0).minimum(hw[:, 1:2])
+    out[:, 1::2] = out[:, 1::2].clamp(min=0).minimum(hw[:, 0:1])
+    return out
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -193,3 +203,45 @@ def refine_local(rows: list[dict], make_score_fn: Callable[[], ScoreFn], cfg: CC
                  else np.array([r[k] for r in chunk]) for k in chunk[0]}
         tables.append(refiner(scorer(batch)))
     return pa.concat_tables(tables) if tables else PSEUDO_LABEL_SCHEMA.empty_table()
+
+
+class Predict:
+    """IS branch forward pass on a batch of images -> COCO results rows (RLE masks)."""
+
+    def __init__(self, checkpoint_uri: str, score_threshold: float, category_ids: list[int],
+                 num_threads: int | None = None):
+        from wsis_ray.branches import instance
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, _ = instance.load_checkpoint(checkpoint_uri, device=device)
+        self.threshold = score_threshold
+        self.category_ids = category_ids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from wsis_ray.branches import instance
+
+        images = [load_image(str(p)) for p in batch["path"]]
+        outputs = instance.predict(self.model, images, score_threshold=self.threshold)
+        rows = instance.to_coco_results([int(i) for i in batch["image_id"]], outputs,
+                                        self.category_ids)
+        return {"result": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+
+def run_predict_stage(records: list[ImageRecord], checkpoint_uri: str, score_threshold: float,
+                      category_ids: list[int], *, max_actors: int = 2, batch_size: int = 4,
+                      num_gpus: float = 0.0, cpus_per_actor: float = 1.0) -> list[dict]:
+    """Predict every record's image with the IS checkpoint on a Ray Data actor pool."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    if not records:
+        return []
+    ds = ray.data.from_items([{"image_id": r.image_id, "path": r.path} for r in records])
+    ds = ds.map_batches(Predict, fn_constructor_kwargs={
+        "checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold,
+        "category_ids": list(category_ids), "num_threads": max(1, int(cpus_per_actor))},
+        batch_size=batch_size, batch_format="numpy", num_gpus=num_gpus, num_cpus=cpus_per_actor,
+        compute=ActorPoolStrategy(min_size=1, max_size=max_actors))
+    return [json.loads(r["result"]) for r in ds.take_all()]

@@ -84,16 +84,15 @@ def plan(cfg: Config) -> list[tuple[str, Step]]:
     if cfg.round.supervision == "full":
         return [("full/is", train_is_full), ("full/eval", functools.partial(evaluate_round, "full")),
                 ("final", functools.partial(finalize, "full")), ("report", write_report)]
-    from wsis_ray import seeds
-
-    steps: list[tuple[str, Step]] = [(f"seeds/{name}", fn) for name, fn in seeds.STEPS]
+    steps: list[tuple[str, Step]] = [("seeds", make_seeds)]
     for r in range(1, cfg.round.rounds + 1):
         rd = f"round_{r}"
-        steps += [(f"{rd}/ss", functools.partial(train_ss, r))]
-        if cfg.round.no_mil:
-            steps += [(f"{rd}/boxes", functools.partial(boxes_from_masks, r))]
-        else:
-            steps += [(f"{rd}/mil", functools.partial(train_mil, r))]
+        if cfg.round.no_mil:  # boxes come from the SS masks, so SS goes first
+            steps += [(f"{rd}/ss", functools.partial(train_ss, r)),
+                      (f"{rd}/boxes", functools.partial(boxes_from_masks, r))]
+        else:  # paper order: MIL, then SS
+            steps += [(f"{rd}/mil", functools.partial(train_mil, r)),
+                      (f"{rd}/ss", functools.partial(train_ss, r))]
         steps += [(f"{rd}/ccgr", functools.partial(refine, r)),
                   (f"{rd}/is", functools.partial(train_is, r)),
                   (f"{rd}/eval", functools.partial(evaluate_round, rd))]
@@ -102,6 +101,19 @@ def plan(cfg: Config) -> list[tuple[str, Step]]:
     steps += [("final", functools.partial(finalize, f"round_{cfg.round.rounds}")),
               ("report", write_report)]
     return steps
+
+
+def make_seeds(ctx: Context):
+    """Round-0 seeds: CAM + peaks, proposals, AffinityNet semantic labels, Eq. 4 bags (each
+    sub-step commits itself in wsis_ray.seeds), then their figures on val."""
+    from wsis_ray import seeds
+
+    for fn in seeds.TRAIN_STEPS:
+        t0 = time.time()
+        fn(ctx.cfg, ctx.train, ctx.run)
+        print(f"  [seeds] {fn.__name__} {_fmt(time.time() - t0)}", flush=True)
+    metrics = seeds.run_seeds(ctx.cfg, ctx.run, evaluate=ctx.cfg.round.seed_figures)
+    return [], {k: v for k, v in metrics.items() if k != "seconds"}
 
 
 def run_step(ctx: Context, name: str, fn: Step, total: int | None = None) -> None:
@@ -123,21 +135,456 @@ def _fmt(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def previous(ctx: Context, r: int, what: str) -> str:
-    """Round r's input `what` ("bags" or "semantic"): the seeds for round 1, else the
-    previous round's update."""
-    return f"seeds/{what}" + (".parquet" if what == "bags" else "") if r == 1 else \
-        f"round_{r - 1}/{what}" + (".parquet" if what == "bags" else "")
 
 
-def latest_trunk(ctx: Context, r: int) -> str | None:
-    """The trunk weights a branch starts from when backbone.share_trunk (paper: shared
-    convolutional layers; trained sequentially, each branch starts from the latest)."""
+# -- helpers -------------------------------------------------------------------------------
+
+def save_torch(ctx: Context, rel: str, obj: Any) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    ctx.run.write_bytes(rel, buf.getvalue())
+
+
+def load_torch(ctx: Context, rel: str) -> Any:
+    import torch
+
+    with ctx.run.fs.open_input_stream(ctx.run.path(rel)) as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+
+
+def write_json(ctx: Context, rel: str, obj: Any) -> None:
+    ctx.run.write_text(rel, json.dumps(obj, indent=1))
+
+
+def init_trunk(ctx: Context, r: int):
+    """The trunk weights a branch starts from when backbone.share_trunk (the paper's shared
+    convolutional layers, trained sequentially: each branch starts from the latest trunk).
+    Only committed steps count, so a resumed run starts from what an uninterrupted one did."""
     if not ctx.cfg.backbone.share_trunk:
         return None
-    for rel in ([f"round_{r}/mil/trunk.pt", f"round_{r}/ss/trunk.pt"] +
-                [f"round_{q}/{b}/trunk.pt" for q in range(r - 1, 0, -1) for b in ("mil", "ss")] +
-                ["seeds/cam/trunk.pt"]):
-        if ctx.run.exists(rel):
-            return ctx.run.uri_of(rel)
-    return None
+    candidates = [f"round_{r}/mil", f"round_{r}/ss"]
+    for q in range(r - 1, 0, -1):
+        candidates += [f"round_{q}/ss", f"round_{q}/mil"]
+    done = [c for c in candidates if ctx.run.is_done(c)]
+    if done:
+        order = list(ctx.run.manifest()["steps"])  # commit order: the latest trunk last
+        return load_torch(ctx, max(done, key=order.index) + "/trunk.pt")
+    from wsis_ray.branches.common import sub_state
+
+    return sub_state(load_torch(ctx, "seeds/cam/state.pt")["model"], "trunk.")
+
+
+def bags_uri(ctx: Context, r: int) -> str:
+    return ctx.run.uri_of("seeds/bags.parquet" if r == 1 else f"round_{r - 1}/bags.parquet")
+
+
+def semantic_dir(ctx: Context, r: int) -> str:
+    return ctx.run.uri_of("seeds/semantic" if r == 1 else f"round_{r - 1}/semantic")
+
+
+def box_ap(ctx: Context, rows: list[dict], box_key: str = "box") -> float | None:
+    """mAP^b_0.5 of pseudo boxes on the training images with ground truth (paper: 'Det.')."""
+    from wsis_ray.evaluate import evaluate
+
+    if not ctx.train_gt:
+        return None
+    ids = ctx.train.category_ids
+    results = [{"image_id": int(r["image_id"]), "category_id": int(ids[r["class_id"]]),
+                "score": float(r["score"]),
+                "bbox": [float(r[box_key][0]), float(r[box_key][1]),
+                         float(r[box_key][2] - r[box_key][0]),
+                         float(r[box_key][3] - r[box_key][1])]}
+               for r in rows if int(r["image_id"]) in ctx.train_gt]
+    gt = {i: g for i, g in ctx.train_gt.items() if any(x.image_id == i for x in ctx.train)}
+    m = evaluate(gt, results, ids, ctx.train.classes, mask_ious=(), coco=False)
+    return m["voc"]["box"]["0.5"]["mean"]
+
+
+# -- round steps ---------------------------------------------------------------------------
+
+def train_mil(r: int, ctx: Context):
+    """MIL branch (WSDDN) on the round's bags -> one box per bag (round_r/boxes.parquet)."""
+    from wsis_ray.branches import mil
+
+    cfg, rd = ctx.cfg, f"round_{r}"
+    props, bags = ctx.run.uri_of("seeds/proposals.parquet"), bags_uri(ctx, r)
+    out = mil.fit_mil(cfg, ctx.train.records, props, bags, ctx.train.num_classes, ctx.storage,
+                      name=f"{rd}-mil", init_trunk=init_trunk(ctx, r))
+    save_torch(ctx, f"{rd}/mil/state.pt", {"model": out["model"]})
+    save_torch(ctx, f"{rd}/mil/trunk.pt", out["trunk"])
+    model = mil.load_model(out["model"], cfg.backbone, cfg.mil, ctx.train.num_classes)
+    rows = mil.select_all(model, ctx.train.records, props, bags, cfg.mil.image_size)
+    anchors = {(b["image_id"], b["bag_id"]): _anchor(b) for b in read_table(bags).to_pylist()}
+    for row in rows:
+        row["peak_x"], row["peak_y"] = anchors[(row["image_id"], row["bag_id"])]
+        row["box"] = [float(v) for v in row["box"]]
+    write_table_atomic(pa.Table.from_pylist(rows, schema=SELECTED_SCHEMA),
+                       ctx.run.uri_of(f"{rd}/boxes.parquet"))
+    metrics = {"loss": out["metrics"].get("loss"), "boxes": len(rows),
+               "pseudo_box_mAP_b@0.5": box_ap(ctx, rows)}
+    return [f"{rd}/mil/state.pt", f"{rd}/mil/trunk.pt", f"{rd}/boxes.parquet"], metrics
+
+
+def _anchor(bag: dict) -> tuple[float, float]:
+    """A bag's anchor point: its peak (round 0), or the center of its IS source box."""
+    if bag["peak_x"] is not None:
+        return float(bag["peak_x"]), float(bag["peak_y"])
+    x1, y1, x2, y2 = bag["source_box"]
+    return (x1 + x2) / 2, (y1 + y2) / 2
+
+
+def train_ss(r: int, ctx: Context):
+    """SS branch (FCN + pyramid pooling) on the round's pseudo semantic labels."""
+    from wsis_ray.branches import semseg
+
+    cfg, rd = ctx.cfg, f"round_{r}"
+    out = semseg.fit_ss(cfg, ctx.train.records, semantic_dir(ctx, r), ctx.train.num_classes,
+                        ctx.storage, name=f"{rd}-ss", init_trunk=init_trunk(ctx, r))
+    save_torch(ctx, f"{rd}/ss/state.pt", {"model": out["model"]})
+    save_torch(ctx, f"{rd}/ss/trunk.pt", out["trunk"])
+    metrics = {"loss": out["metrics"].get("loss"), "val_mIoU": ss_miou(ctx, out["model"])}
+    return [f"{rd}/ss/state.pt", f"{rd}/ss/trunk.pt"], metrics
+
+
+def ss_miou(ctx: Context, state: dict) -> float:
+    from wsis_ray.branches import semseg
+
+    model = semseg.load_model(state, ctx.cfg.backbone, ctx.cfg.ss, ctx.train.num_classes)
+    recs = [r for r in ctx.val.records if r.image_id in ctx.val_gt]
+    preds = semseg.predict_scores(model, [load_image(r) for r in recs], ctx.cfg.ss.image_size)
+    gts = [semseg.semantic_gt(ctx.val_gt[r.image_id]) for r in recs]
+    return semseg.miou([p.argmax(0).astype(np.uint8) for p in preds], gts,
+                       ctx.train.num_classes + 1)
+
+
+class SSScoreFn:
+    """Picklable factory for the Ray Data SS-inference actors: builds the SS branch from
+    its saved state inside the actor."""
+
+    def __init__(self, state_uri: str, cfg: Config, num_classes: int):
+        self.state_uri, self.cfg, self.num_classes = state_uri, cfg, num_classes
+
+    def __call__(self):
+        import torch
+
+        from wsis_ray.branches import semseg
+        from wsis_ray.data.records import resolve_fs
+
+        fs, path = resolve_fs(self.state_uri)
+        with fs.open_input_stream(path) as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+        model = semseg.load_model(state["model"], self.cfg.backbone, self.cfg.ss, self.num_classes)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        size = self.cfg.ss.image_size
+        return lambda images: semseg.predict_scores(model, images, size)
+
+
+def boxes_from_masks(r: int, ctx: Context):
+    """--no-mil (paper Table 3, first row): without the detection branch, each connected
+    component of a labelled class's SS mask gives a box (its four extreme corners)."""
+    import cv2
+
+    from wsis_ray.branches import semseg
+
+    cfg, rd = ctx.cfg, f"round_{r}"
+    state = load_torch(ctx, f"{rd}/ss/state.pt")["model"]
+    model = semseg.load_model(state, cfg.backbone, cfg.ss, ctx.train.num_classes)
+    rows = []
+    for i in range(0, len(ctx.train.records), 8):
+        recs = ctx.train.records[i:i + 8]
+        for rec, s in zip(recs, semseg.predict_scores(model, [load_image(x) for x in recs],
+                                                      cfg.ss.image_size)):
+            winner = s.argmax(0)
+            for c in rec.class_ids:
+                n, lab, stats, cent = cv2.connectedComponentsWithStats(
+                    (winner == c + 1).astype(np.uint8), connectivity=8)
+                for k in range(1, n):
+                    x, y, w, h, area = stats[k]
+                    if area < 4:
+                        continue
+                    comp = lab == k
+                    rows.append({"image_id": rec.image_id, "bag_id": len(rows), "class_id": c,
+                                 "box": [float(x), float(y), float(x + w), float(y + h)],
+                                 "score": float(s[c + 1][comp].mean()),
+                                 "peak_x": float(cent[k][0]), "peak_y": float(cent[k][1])})
+    write_table_atomic(pa.Table.from_pylist(rows, schema=SELECTED_SCHEMA),
+                       ctx.run.uri_of(f"{rd}/boxes.parquet"))
+    return [f"{rd}/boxes.parquet"], {"boxes": len(rows), "pseudo_box_mAP_b@0.5": box_ap(ctx, rows)}
+
+
+def anchors_table(ctx: Context, r: int) -> pa.Table:
+    """Every bag anchor of the round (the peaks the CCGR peak rule must respect)."""
+    rows = [{"image_id": b["image_id"], "class_id": b["class_id"],
+             "x": _anchor(b)[0], "y": _anchor(b)[1], "score": 1.0}
+            for b in read_table(bags_uri(ctx, r)).to_pylist()]
+    return pa.Table.from_pylist(rows, schema=PEAKS_SCHEMA)
+
+
+def refine(r: int, ctx: Context):
+    """CCGR on Ray Data: SS score maps -> refined boxes -> pseudo masks (Parquet)."""
+    from wsis_ray import stages
+    from wsis_ray.data.records import pseudo_labels_to_coco
+    from dataclasses import replace
+
+    cfg, rd = ctx.cfg, f"round_{r}"
+    boxes = read_table(ctx.run.uri_of(f"{rd}/boxes.parquet"))
+    anchors = (anchors_table(ctx, r) if not cfg.round.no_mil else
+               boxes.select(["image_id", "class_id", "peak_x", "peak_y"])
+               .rename_columns(["image_id", "class_id", "x", "y"]))
+    rows = stages.image_rows(ctx.train.records, boxes, anchors)
+    ccgr_cfg = replace(cfg.ccgr, enabled=cfg.ccgr.enabled and not cfg.round.no_ccgr)
+    score_fn = SSScoreFn(ctx.run.uri_of(f"{rd}/ss/state.pt"), cfg, ctx.train.num_classes)
+    gpus = 1.0 if cfg.train.use_gpu else 0.0
+    info = stages.run_refine_stage(rows, score_fn, ccgr_cfg, r, ctx.run.uri_of(f"{rd}/pseudo.parquet"),
+                                   min_actors=1, max_actors=max(1, cfg.train.num_workers),
+                                   batch_size=cfg.ccgr.batch_images, num_gpus=gpus,
+                                   cpus_per_actor=cfg.train.cpus_per_worker)
+    table = read_table(ctx.run.uri_of(f"{rd}/pseudo.parquet")).sort_by(
+        [("image_id", "ascending"), ("class_id", "ascending")])
+    write_json(ctx, f"{rd}/pseudo_coco.json", pseudo_labels_to_coco(table, ctx.train))
+    pseudo = table.to_pylist()
+    reasons: dict[str, int] = {}
+    for p in pseudo:
+        reasons[p["stop_reason"]] = reasons.get(p["stop_reason"], 0) + 1
+    metrics = {"pseudo_labels": len(pseudo), "images": info["images"],
+               "pseudo_box_mAP_b@0.5_before": box_ap(ctx, pseudo, "box_before"),
+               "pseudo_box_mAP_b@0.5_after": box_ap(ctx, pseudo, "box_after"),
+               "pseudo_mask_mAP_r@0.5": pseudo_mask_ap(ctx, table),
+               "stop_reasons": reasons}
+    return [f"{rd}/pseudo.parquet", f"{rd}/pseudo_coco.json"], metrics
+
+
+def pseudo_mask_ap(ctx: Context, table: pa.Table) -> float | None:
+    """Pseudo-mask quality: mAP^r_0.5 of the pseudo masks against training ground truth."""
+    from wsis_ray.data.records import results_from_pseudo_labels
+    from wsis_ray.evaluate import evaluate
+
+    if not ctx.train_gt:
+        return None
+    res = [x for x in results_from_pseudo_labels(table, ctx.train) if x["image_id"] in ctx.train_gt]
+    gt = {r.image_id: ctx.train_gt[r.image_id] for r in ctx.train if r.image_id in ctx.train_gt}
+    m = evaluate(gt, res, ctx.train.category_ids, ctx.train.classes, mask_ious=(0.5,),
+                 box_ious=(), coco=False)
+    return m["voc"]["mask"]["0.5"]["mean"]
+
+
+def train_is(r: int, ctx: Context):
+    """IS branch (Mask R-CNN) on the round's pseudo instance masks."""
+    from wsis_ray.branches import instance
+
+    cfg, rd = ctx.cfg, f"round_{r}"
+    init = load_torch(ctx, f"round_{r - 1}/is/trunk.pt") if r > 1 and cfg.backbone.share_trunk \
+        else None
+    out = instance.fit_instance(cfg, ctx.train.records, ctx.run.uri_of(f"{rd}/pseudo.parquet"),
+                                ctx.train.classes, ctx.storage, name=f"{rd}-is", init_trunk=init,
+                                checkpoint_uri=ctx.run.uri_of(f"{rd}/is/model.pt"),
+                                meta=_meta(ctx, r))
+    save_torch(ctx, f"{rd}/is/trunk.pt", out["trunk"])
+    return [f"{rd}/is/model.pt", f"{rd}/is/trunk.pt"], {"loss": out["metrics"].get("loss")}
+
+
+def train_is_full(ctx: Context):
+    """Upper bound (paper Table 1, 'FS'): Mask R-CNN on the ground-truth masks."""
+    from wsis_ray.branches import instance
+
+    if not ctx.train_gt:
+        raise RuntimeError("--supervision full needs ground-truth masks for the training "
+                           "images (data.train must be a COCO instances JSON with masks)")
+    write_table_atomic(instance.gt_table(ctx.train_gt), ctx.run.uri_of("full/gt.parquet"))
+    out = instance.fit_instance(ctx.cfg, ctx.train.records, ctx.run.uri_of("full/gt.parquet"),
+                                ctx.train.classes, ctx.storage, name="full-is",
+                                checkpoint_uri=ctx.run.uri_of("full/is/model.pt"),
+                                meta=_meta(ctx, 0))
+    return ["full/is/model.pt", "full/gt.parquet"], {"loss": out["metrics"].get("loss")}
+
+
+def _meta(ctx: Context, r: int) -> dict:
+    return {"category_ids": list(ctx.train.category_ids), "run": ctx.run.uri, "round": r,
+            "supervision": ctx.cfg.round.supervision}
+
+
+def predict(ctx: Context, checkpoint_rel: str, records) -> list[dict]:
+    from wsis_ray import stages
+
+    cfg = ctx.cfg
+    return stages.run_predict_stage(list(records), ctx.run.uri_of(checkpoint_rel),
+                                    cfg.instance.score_threshold, ctx.train.category_ids,
+                                    max_actors=max(1, cfg.train.num_workers),
+                                    num_gpus=1.0 if cfg.train.use_gpu else 0.0,
+                                    cpus_per_actor=cfg.train.cpus_per_worker)
+
+
+def evaluate_round(rd: str, ctx: Context):
+    """Predict the validation images with the round's IS branch and evaluate (mAP^r, mAP^b)."""
+    from wsis_ray.evaluate import evaluate, format_table
+
+    results = predict(ctx, f"{rd}/is/model.pt", ctx.val.records)
+    write_json(ctx, f"{rd}/predictions.json", results)
+    m = evaluate(ctx.val_gt, [x for x in results if x["image_id"] in ctx.val_gt],
+                 ctx.train.category_ids, ctx.train.classes)
+    write_json(ctx, f"{rd}/metrics.json", m)
+    ctx.run.write_text(f"{rd}/metrics.txt", format_table(m))
+    return [f"{rd}/predictions.json", f"{rd}/metrics.json"], dict(m["summary"])
+
+
+def update(r: int, ctx: Context):
+    """After round r (paper): the IS boxes become the next round's bags (the top proposals
+    by IoU with each box), and the union of the IS masks per class the next semantic labels.
+    Only classes in the image's labels are kept; a labelled class without a confident IS
+    box keeps its previous bags."""
+    from wsis_ray.bags import box_bags
+    from wsis_ray.seeds import read_proposals
+
+    cfg, rd = ctx.cfg, f"round_{r}"
+    results = predict(ctx, f"{rd}/is/model.pt", ctx.train.records)
+    by_image: dict[int, list[dict]] = {}
+    for x in results:
+        by_image.setdefault(x["image_id"], []).append(x)
+    index = {c: i for i, c in enumerate(ctx.train.category_ids)}
+    props = read_proposals(ctx.run.uri_of("seeds/proposals.parquet"))
+    old = {}
+    for b in read_table(bags_uri(ctx, r)).to_pylist():
+        old.setdefault((b["image_id"], b["class_id"]), []).append(b)
+    rows, kept, fallback = [], 0, 0
+    for rec in ctx.train.records:
+        preds = [x for x in by_image.get(rec.image_id, [])
+                 if index[x["category_id"]] in rec.class_ids
+                 and x["score"] >= cfg.round.bag_score_threshold]
+        label = np.zeros((rec.height, rec.width), np.uint8)
+        best = np.zeros((rec.height, rec.width), np.float32)
+        for x in preds:  # union of masks per class; where classes overlap the higher score wins
+            m = decode_mask(x["segmentation"]["counts"], rec.height, rec.width) & \
+                (x["score"] > best)
+            label[m], best[m] = index[x["category_id"]] + 1, x["score"]
+        buf = io.BytesIO()
+        Image.fromarray(label).save(buf, format="PNG")
+        ctx.run.write_bytes(f"{rd}/semantic/{rec.image_id}.png", buf.getvalue())
+        boxes = props.get(rec.image_id, (np.zeros((0, 4), np.float32), None))[0]
+        n = 0
+        for c in rec.class_ids:
+            cp = [x for x in preds if index[x["category_id"]] == c]
+            if not cp:
+                for b in old.get((rec.image_id, c), []):  # keep the previous bags
+                    rows.append(dict(b, bag_id=n))
+                    n += 1
+                    fallback += 1
+                continue
+            xyxy = np.array([[x["bbox"][0], x["bbox"][1], x["bbox"][0] + x["bbox"][2],
+                              x["bbox"][1] + x["bbox"][3]] for x in cp], np.float32)
+            for bag in box_bags(boxes, xyxy, np.full(len(cp), c), cfg.bags.size):
+                rows.append({"image_id": rec.image_id, "bag_id": n, "class_id": c,
+                             "peak_x": None, "peak_y": None,
+                             "source_box": [float(v) for v in bag.source_box],
+                             "proposal_indices": bag.proposal_indices.tolist()})
+                n += 1
+                kept += 1
+    write_table_atomic(pa.Table.from_pylist(rows, schema=BAGS_SCHEMA),
+                       ctx.run.uri_of(f"{rd}/bags.parquet"))
+    return [f"{rd}/bags.parquet", f"{rd}/semantic"], {"bags_from_is": kept,
+                                                       "bags_kept_from_before": fallback}
+
+
+# -- final ---------------------------------------------------------------------------------
+
+def finalize(rd: str, ctx: Context):
+    """final/: the IS checkpoint Serve loads (with classes and val metrics), exports."""
+    from wsis_ray.branches import instance
+
+    model, meta = instance.load_checkpoint(ctx.run.uri_of(f"{rd}/is/model.pt"))
+    metrics = json.loads(ctx.run.read_text(f"{rd}/metrics.json"))
+    meta = dict(meta, val_metrics=metrics["summary"], source=f"{ctx.run.uri}/{rd}")
+    instance.save_checkpoint(ctx.run.uri_of("final/model.pt"), model, meta)
+    write_json(ctx, "final/metrics.json", metrics)
+    ctx.run.write_bytes("final/predictions_val.json", ctx.run.read_text(
+        f"{rd}/predictions.json").encode())
+    return ["final/model.pt", "final/metrics.json", "final/predictions_val.json"], \
+        {"source": rd, **metrics["summary"]}
+
+
+def rounds_done(ctx: Context) -> list[tuple[str, dict]]:
+    out = []
+    steps = ctx.run.manifest()["steps"]
+    for name in sorted(steps):
+        if name.endswith("/eval"):
+            out.append((name.split("/")[0], steps[name]["metrics"]))
+    return out
+
+
+def results_table(ctx: Context) -> str:
+    """Per round: val mAP^r at 0.25/0.5/0.7/0.75 and mAP^b_0.5; pseudo-box mAP^b_0.5 on the
+    training images before/after CCGR; step times."""
+    steps = ctx.run.manifest()["steps"]
+    head = ["round", "mAP^r@0.25", "mAP^r@0.5", "mAP^r@0.7", "mAP^r@0.75", "mAP^b@0.5",
+            "pseudo mAP^b before CCGR", "after CCGR", "pseudo mAP^r@0.5", "SS val mIoU", "minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rd, m in rounds_done(ctx):
+        cc = steps.get(f"{rd}/ccgr", {}).get("metrics", {})
+        ss = steps.get(f"{rd}/ss", {}).get("metrics", {})
+        mins = sum((v.get("seconds") or 0) for k, v in steps.items() if k.startswith(rd + "/")) / 60
+        vals = [m.get("mAP_r@0.25"), m.get("mAP_r@0.5"), m.get("mAP_r@0.7"), m.get("mAP_r@0.75"),
+                m.get("mAP_b@0.5"), cc.get("pseudo_box_mAP_b@0.5_before"),
+                cc.get("pseudo_box_mAP_b@0.5_after"), cc.get("pseudo_mask_mAP_r@0.5"),
+                ss.get("val_mIoU")]
+        lines.append("| " + " | ".join([rd] + [_pct(v) for v in vals] + [f"{mins:.1f}"]) + " |")
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def write_report(ctx: Context):
+    """report.md: the results table, seed figures, and CCGR pictures of a few images."""
+    steps = ctx.run.manifest()["steps"]
+    parts = [f"# wsis-ray run report\n\nRun directory: `{ctx.run.uri}`\n",
+             "## Results (val; pseudo-label figures on the training images)\n",
+             results_table(ctx), ""]
+    seeds_m = steps.get("seeds/metrics", {}).get("metrics")
+    if seeds_m:
+        parts += ["## Round-0 seeds (val)\n", "```json", json.dumps(seeds_m, indent=1), "```", ""]
+    parts += ["## Step times\n", "| step | seconds |", "|---|---|"]
+    parts += [f"| {k} | {v.get('seconds') or 0:.1f} |" for k, v in steps.items()]
+    pics = ccgr_pictures(ctx)
+    if pics:
+        parts += ["", "## CCGR (green: MIL box, blue: refined, dotted: context)\n"]
+        parts += [f"![{p}]({p})" for p in pics]
+    ctx.run.write_text("report.md", "\n".join(parts) + "\n")
+    return ["report.md"] + pics, {"pictures": len(pics)}
+
+
+def ccgr_pictures(ctx: Context, count: int = 3) -> list[str]:
+    """Figure 1/3/4-style pictures of the last round's refinement of one box on each of a
+    few training images (written locally by viz, then copied into the run directory)."""
+    import tempfile
+    from pathlib import Path
+
+    from wsis_ray import viz
+
+    rounds = [rd for rd, _ in rounds_done(ctx) if rd.startswith("round_")]
+    if not rounds:
+        return []
+    rd = rounds[-1]
+    r = int(rd.split("_")[1])
+    table = read_table(ctx.run.uri_of(f"{rd}/pseudo.parquet")).to_pylist()
+    anchors = read_table(ctx.run.uri_of(f"{rd}/boxes.parquet")).to_pylist()
+    ids = sorted({p["image_id"] for p in table})[:count]
+    score_fn = SSScoreFn(ctx.run.uri_of(f"{rd}/ss/state.pt"), ctx.cfg, ctx.train.num_classes)()
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for iid in ids:
+            image = load_image(ctx.train.by_id(iid))
+            scores = score_fn([image])[0]
+            first = next(a for a in anchors if a["image_id"] == iid)
+            peaks = [[first["peak_x"], first["peak_y"]]] + [
+                [a["peak_x"], a["peak_y"]] for a in anchors
+                if a["image_id"] == iid and a["class_id"] == first["class_id"] and a is not first]
+            files = viz.ccgr_pictures(image, scores, first["box"], first["class_id"], tmp,
+                                      stem=f"ccgr_{iid}", cfg=ctx.cfg.ccgr, peaks_xy=peaks)
+            for path in files.values():
+                rel = f"{rd}/pictures/{Path(path).name}"
+                ctx.run.write_bytes(rel, Path(path).read_bytes())
+                out.append(rel)
+    return out
