@@ -136,13 +136,31 @@ class SSConfig:
 
 @dataclass
 class CCGRConfig:
-    """Center-context-gap refinement (Eq. 2-3)."""
+    """Center-context-gap refinement (Eq. 2-3); see wsis_ray/ccgr.py for the rules.
+
+    lr: Adam step in units of the box's own current width/height (scale-invariant).
+    lr_final: the step decays (cosine) from lr to lr * lr_final over `iterations`.
+    tol/patience: a box whose every coordinate moves less than tol x its size for
+      `patience` consecutive iterations is "converged" and drops out.
+    flat_tol: |dL/dcoord| x size below this counts as no gradient (flat map).
+    expand_threshold: where a coordinate has no gradient and the context's outer edge on
+      that side still scores >= this, the side steps outward (plateau expansion).
+    mask_threshold: a pixel of a refined box joins the pseudo mask where its class wins the
+      argmax or scores >= this.
+    """
     enabled: bool = True
     iterations: int = 200
     context_scale: float = 1.5
     lr: float = 0.02  # Adam step, in units of the box's own size (scale-invariant)
+    lr_final: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
     min_size: float = 2.0
-    mask_threshold: float = 0.5
+    tol: float = 1e-3
+    patience: int = 5
+    flat_tol: float = 1e-4
+    expand_threshold: float = 0.5
+    mask_threshold: float = 0.4
     batch_images: int = 8
 
 
