@@ -242,6 +242,13 @@ def _context(boxes: Tensor, hw: Tensor, scale: float):
     return ctx, free
 
 
+def context_box(box: Sequence[float], height: int, width: int, scale: float = 1.5) -> list[float]:
+    """The context box B~ of a box: same center, `scale` x width and height, clipped."""
+    b = torch.tensor([list(map(float, box))], dtype=torch.float64)
+    ctx, _ = _context(b, torch.tensor([[height, width]]), scale)
+    return ctx[0].tolist()
+
+
 def _corner_points(boxes: Tensor, ctx: Tensor):
     """The 8 corners, ordered TL, TR, BL, BR of B then of B~: xs, ys (N,8)."""
     xs = torch.stack([boxes[:, 0], boxes[:, 2], boxes[:, 0], boxes[:, 2],
