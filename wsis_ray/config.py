@@ -70,14 +70,23 @@ class TrainConfig:
 
 @dataclass
 class CAMConfig:
-    """Classification network with class response maps and PRM peaks (round-0 seeds)."""
+    """Classification network with class response maps and PRM peaks (round-0 seeds).
+
+    pooling: "peak" (PRM peak stimulation) or "gap" (global average pooling).
+    peak_upsample: bilinear upsampling of the response map before locating peaks (PRM's
+    sub-pixel peak locating). peak_min_relative: a peak must also exceed this fraction of
+    its map's maximum (0 = off, PRM's median rule alone).
+    """
     image_size: int = 160
     batch_size: int = 16
     steps: int = 300
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    pooling: str = "peak"
     peak_window: int = 3
     peak_threshold: str = "median"  # "median" or a float in response-map units
+    peak_upsample: int = 4
+    peak_min_relative: float = 0.0
 
 
 @dataclass
@@ -91,19 +100,31 @@ class ProposalConfig:
 
 @dataclass
 class BagConfig:
-    """Peak bags and their ranking (Eq. 4)."""
+    """Peak bags and their ranking (Eq. 4).
+
+    exclusive: "same_class" - a bag's proposals contain no other peak of the peak's class;
+    "any_class" - no other peak at all (the paper's literal "containing only this peak").
+    """
     size: int = 10
     background_weight: float = 0.1
+    exclusive: str = "same_class"
 
 
 @dataclass
 class AffinityConfig:
-    """AffinityNet (Ahn & Kwak 2018) pseudo semantic labels for round 0."""
+    """AffinityNet (Ahn & Kwak 2018) pseudo semantic labels for round 0.
+
+    fg/bg_threshold: confident regions of normalized CAMs for the affinity labels.
+    bg_power: background score (1 - max_c CAM_c)^bg_power for the random walk.
+    ignore_margin: label 255 where the best two walked scores differ by less (0 = never).
+    """
     fg_threshold: float = 0.30
     bg_threshold: float = 0.05
     radius: int = 5
     beta: float = 8.0
     walk_iterations: int = 256  # exponent t of the transition matrix
+    bg_power: float = 8.0
+    ignore_margin: float = 0.0
     image_size: int = 160
     batch_size: int = 8
     steps: int = 200
@@ -136,13 +157,31 @@ class SSConfig:
 
 @dataclass
 class CCGRConfig:
-    """Center-context-gap refinement (Eq. 2-3)."""
+    """Center-context-gap refinement (Eq. 2-3); see wsis_ray/ccgr.py for the rules.
+
+    lr: Adam step in units of the box's own current width/height (scale-invariant).
+    lr_final: the step decays (cosine) from lr to lr * lr_final over `iterations`.
+    tol/patience: a box whose every coordinate moves less than tol x its size for
+      `patience` consecutive iterations is "converged" and drops out.
+    flat_tol: |dL/dcoord| x size below this counts as no gradient (flat map).
+    expand_threshold: where a coordinate has no gradient and the context's outer edge on
+      that side still scores >= this, the side steps outward (plateau expansion).
+    mask_threshold: a pixel of a refined box joins the pseudo mask where its class wins the
+      argmax or scores >= this.
+    """
     enabled: bool = True
     iterations: int = 200
     context_scale: float = 1.5
     lr: float = 0.02  # Adam step, in units of the box's own size (scale-invariant)
+    lr_final: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
     min_size: float = 2.0
-    mask_threshold: float = 0.5
+    tol: float = 1e-3
+    patience: int = 5
+    flat_tol: float = 1e-4
+    expand_threshold: float = 0.5
+    mask_threshold: float = 0.4
     batch_images: int = 8
 
 

@@ -1,0 +1,583 @@
+"""Center-context-gap refinement (CCGR, paper Eq. 2-3): boxes refined on class score maps.
+
+Objective
+---------
+For a box B = (x1, y1, x2, y2) of class c on the score map S = scores[c + 1] (channel 0 is
+background), Phi(B) is the mean of S over B (Eq. 2). The context box B~ has B's center and
+`context_scale` (1.5) times its width and height, clipped to the image; the context is the
+ring C = B~ - B with Phi(C) = (sum_B~ S - sum_B S) / (A_B~ - A_B), using the clipped areas.
+The loss is L = Phi(C) - Phi(B) (Eq. 3), minimised over the four continuous coordinates.
+(The paper writes Phi(C) = Phi(B~) - Phi(B); we use the ring's own mean, which is what its
+text and Figure 3 describe.) If B covers the whole image the ring is empty and Phi(C) = 0.
+
+Box sums come from a summed-area table (SAT) I of S, evaluated at fractional corners by
+bilinear interpolation. For a map that is constant on each pixel (pixel i spans [i, i+1))
+that interpolant is *exactly* the integral of Eq. 2, so Phi is continuous and piecewise
+smooth in the coordinates; its derivative w.r.t. an edge is the mean of S along that edge.
+The engine uses these derivatives in closed form (checked against finite differences and
+autograd in tests/test_ccgr.py); `refine_reference` computes the same gradient with
+autograd one box at a time and serves as the naive baseline.
+
+Optimiser and scale invariance
+------------------------------
+Adam (beta1 0.9, beta2 0.999), as the paper uses Adam for its networks. Adam runs on the
+dimensionless gradient g~ = dL/dx * size (size = the box's current width for x1, x2 and its
+height for y1, y2), and its normalised step m^/(sqrt(v^) + eps), which is about +-1, is
+multiplied by lr * size. An edge therefore moves at most about `lr` times the box's own
+size per iteration, whatever the box's size in pixels: scaling the map and the box by k
+scales every step by k, so a 20 px and a 400 px object follow the same trajectory in
+relative coordinates and converge in the same number of iterations. The step decays from
+lr to lr * lr_final by a cosine schedule so boxes settle instead of oscillating around a
+kink of L (a sharp object edge).
+
+Flat maps and plateaus
+----------------------
+Where S is constant over both the box and its context, Phi(B) = Phi(C) for every nearby
+box, so Eq. 3 has no gradient at all. The engine then decides by the score level:
+- if the context's outer edge still scores >= expand_threshold (the box and its context
+  lie inside one object, e.g. a small MIL box in the middle of a large object), the box
+  steps outward by lr * size on each such side until its context reaches the object's
+  boundary, where Eq. 3's gradient takes over ("plateau expansion");
+- otherwise (an all-zero map, a uniform low-score region) nothing indicates a direction:
+  the box stops where it is with stop_reason "flat" and its Eq. 3 loss (0 on a flat map).
+The same per-coordinate rule covers partial plateaus: an elongated object whose box spans
+it tightly in y but whose x-context lies inside it has dL/dx = 0 exactly; those sides step
+outward while the other coordinates follow the gradient. "No gradient" means
+|dL/dx| * size < flat_tol; a box whose gradient vanishes after it has moved (a smooth
+optimum) is "converged".
+
+Constraints and stop rules (kept at every step)
+-----------------------------------------------
+- x1 < x2, y1 < y2, width and height >= min_size (or the image size if smaller), inside
+  [0, W] x [0, H]: every step is projected onto that set.
+- Peak rule (paper, Ablation): a box stops, keeping its last coordinates, as soon as a
+  step would make it contain a peak of its class other than its own peak
+  (stop_reason "second_peak"). A box that already holds such a peak at the start is not
+  refined. Without an own peak (NaN), a box may hold at most one peak of its class.
+- "converged": every coordinate moved < tol * size for `patience` iterations, or the
+  gradient vanished after the box moved; "max_iterations": ran all `iterations`.
+- "degenerate": the box does not overlap its image; it is returned clipped to the image
+  (grown to min_size) without refinement. Boxes smaller than min_size (e.g. 1 px) are grown
+  to min_size about their center, then refined. Inverted coordinates are swapped.
+- NaN/inf in a score map raises ValueError naming the image; no boxes -> empty result.
+
+All boxes of all images in a call are refined together: one tensor program per iteration
+over the boxes still active; stopped boxes are dropped from the active set at once, and
+the loop ends when none is left.
+
+Pseudo instance masks
+---------------------
+`pseudo_masks` crops the score map with each refined box (pixels whose centre lies in the
+box) and keeps a pixel where the box's class wins the argmax over all channels (background
+included) or its score is >= threshold (default 0.4: a softmax score >= 0.5 always wins,
+so 0.4 adds pixels where the class is a close second). Where boxes of the same class
+overlap, a pixel goes to the box in which it is most central: smallest
+max(|x - cx| / (w / 2), |y - cy| / (h / 2)), ties to the smaller box, then the lower index.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from wsis_ray.config import CCGRConfig
+
+STOP_REASONS = ("converged", "max_iterations", "second_peak", "flat", "degenerate")
+_CONVERGED, _MAX_ITER, _SECOND_PEAK, _FLAT, _DEGENERATE = range(5)
+_RUNNING = -1
+
+
+@dataclass
+class RefineResult:
+    """boxes (N,4) float32; loss (N,) Eq. 3 at the final box; iterations (N,) gradient steps
+    applied; stop_reason per box (one of STOP_REASONS); trajectory (T,N,4) boxes at
+    trajectory_iterations (0 = the input box after projection), if asked for."""
+    boxes: Tensor
+    loss: Tensor
+    iterations: Tensor
+    stop_reason: list[str]
+    trajectory: Tensor | None = None
+    trajectory_iterations: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _stack_scores(scores: Tensor | Sequence[Tensor], image_sizes) -> tuple[Tensor, Tensor]:
+    """A padded (B,C+1,H,W) batch (with optional (B,2) sizes (H, W)) or a list of
+    (C+1,H_i,W_i) maps -> a batch and the sizes. Nothing outside an image's size is ever
+    read, so padding may hold anything. Raises on NaN/inf inside an image, naming it."""
+    if isinstance(scores, Tensor):
+        if scores.dim() != 4:
+            raise ValueError(f"scores must be (B, C+1, H, W) or a list of (C+1, H, W), "
+                             f"got shape {tuple(scores.shape)}")
+        out = scores if scores.is_floating_point() else scores.float()
+        if image_sizes is None:
+            sizes = torch.tensor([list(scores.shape[-2:])] * scores.shape[0], dtype=torch.long)
+        else:
+            sizes = torch.as_tensor(image_sizes).long().reshape(-1, 2).cpu()
+            if sizes.shape[0] != out.shape[0]:
+                raise ValueError(f"image_sizes has {sizes.shape[0]} rows for {out.shape[0]} images")
+    else:
+        maps = [torch.as_tensor(m) for m in scores]
+        for k, m in enumerate(maps):
+            if m.dim() != 3:
+                raise ValueError(f"score map of image {k} must be (C+1, H, W), "
+                                 f"got shape {tuple(m.shape)}")
+        if not maps:
+            return torch.zeros(0, 1, 1, 1), torch.zeros(0, 2, dtype=torch.long)
+        if len({m.shape[0] for m in maps}) != 1:
+            raise ValueError("all score maps need the same number of channels (C+1)")
+        sizes = torch.tensor([list(m.shape[-2:]) for m in maps], dtype=torch.long)
+        out = maps[0].new_zeros((len(maps), maps[0].shape[0], int(sizes[:, 0].max()),
+                                 int(sizes[:, 1].max())), dtype=torch.float32)
+        for k, m in enumerate(maps):
+            out[k, :, :m.shape[1], :m.shape[2]] = m
+    for k, (h, w) in enumerate(sizes.tolist()):
+        if h < 1 or w < 1 or h > out.shape[-2] or w > out.shape[-1]:
+            raise ValueError(f"image {k}: size {(h, w)} does not fit its score map "
+                             f"{tuple(out.shape[-2:])}")
+    # a sum is NaN/inf if any term is (or on overflow, which the exact check then clears)
+    if sizes.shape[0] and bool((sizes == torch.tensor(out.shape[-2:])).all()):
+        sums = out.sum(dim=(1, 2, 3))
+    else:
+        sums = torch.stack([out[k, :, :h, :w].sum() for k, (h, w) in enumerate(sizes.tolist())])
+    for k in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+        h, w = sizes[k].tolist()
+        if torch.isfinite(out[k, :, :h, :w]).all():
+            continue
+        raise ValueError(f"score map of image {k} contains NaN or inf; check the SS "
+                         f"branch output for that image")
+    return out, sizes
+
+
+_WORKSPACE = threading.local()  # one reusable SAT buffer per thread (see _sat_buffer)
+_WORKSPACE_MAX_BYTES = 512 * 2 ** 20
+
+
+def _sat_buffer(numel: int, device: torch.device) -> Tensor:
+    """A float64 buffer of numel elements. Fresh allocations of this size cost more in
+    page faults than the cumulative sums themselves, so a thread reuses its last buffer
+    (up to 512 MiB) across calls, e.g. across the batches a Ray Data actor refines."""
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.device != device or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float64, device=device)
+        if numel * 8 <= _WORKSPACE_MAX_BYTES:
+            _WORKSPACE.buf = buf
+    return buf[:numel]
+
+
+def _summed_area_tables(scores: Tensor, image_index: Tensor, class_ids: Tensor):
+    """SATs (U, H+1, W+1) float64 for the (image, class) pairs the boxes use, and each box's
+    row in them. float64 keeps box sums exact enough for the flat-map test (flat_tol)."""
+    n_cls = scores.shape[1] - 1
+    pair = image_index * n_cls + class_ids
+    uniq, inverse = torch.unique(pair, return_inverse=True)
+    u, h, w = uniq.numel(), scores.shape[2], scores.shape[3]
+    sat = _sat_buffer(u * (h + 1) * (w + 1), scores.device).view(u, h + 1, w + 1)
+    sat[:, 0] = 0
+    sat[:, :, 0] = 0
+    inner = sat[:, 1:, 1:]
+    inner.copy_(scores[uniq // n_cls, uniq % n_cls + 1])
+    inner.cumsum_(2)
+    for j in range(1, h):  # row by row: much faster than cumsum over a strided dim on CPU
+        sat[:, j + 1].add_(sat[:, j])
+    return sat, inverse
+
+
+def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
+    """Per box, the peaks of its image and class other than its own: (N,K,2), valid (N,K),
+    and how many such peaks the box may hold (0 with an own peak, 1 without)."""
+    n = image_index.shape[0]
+    allowed = torch.isnan(peak_xy).any(1).long() if peak_xy is not None else \
+        torch.ones(n, dtype=torch.long, device=device)
+    if peaks is None or peaks[0].numel() == 0 or n == 0:
+        return (torch.zeros(n, 0, 2, dtype=torch.float64, device=device),
+                torch.zeros(n, 0, dtype=torch.bool, device=device), allowed)
+    p_img, p_cls, p_xy = (torch.as_tensor(t, device=device) for t in peaks)
+    p_xy = p_xy.to(torch.float64).reshape(-1, 2)
+    match = (image_index[:, None] == p_img[None].long()) & (class_ids[:, None] == p_cls[None].long())
+    if peak_xy is not None:
+        own = (p_xy[None] - peak_xy[:, None].to(torch.float64)).abs().amax(-1) < 1e-3
+        match &= ~own
+    k = int(match.sum(1).max())
+    order = torch.sort(match.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
+    return p_xy[order], torch.gather(match, 1, order), allowed
+
+
+def _project(boxes: Tensor, hw: Tensor, min_size: float) -> Tensor:
+    """Onto {x1 < x2, y1 < y2, size >= min_size, inside the image} (min_size capped by the
+    image size). boxes (N,4) float64, hw (N,2) image (H, W)."""
+    lo = torch.stack([boxes[:, 0], boxes[:, 1]], 1)
+    hi = torch.stack([boxes[:, 2], boxes[:, 3]], 1)
+    lim = hw.flip(1).to(boxes.dtype)  # (W, H)
+    m = torch.clamp(lim, max=min_size)
+    lo = torch.minimum(torch.maximum(lo, torch.zeros_like(lo)), lim - m)
+    hi = torch.minimum(torch.maximum(hi, torch.zeros_like(hi)), lim)
+    short = hi - lo < m
+    center = torch.minimum(torch.maximum((lo + hi) / 2, m / 2), lim - m / 2)
+    lo = torch.where(short, center - m / 2, lo)
+    hi = torch.where(short, center + m / 2, hi)
+    return torch.stack([lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]], 1)
+
+
+# --------------------------------------------------------------------------- Eq. 2-3
+
+
+def _context(boxes: Tensor, hw: Tensor, scale: float):
+    """Context box B~ (same center, `scale` x size) clipped to the image, and which of its
+    sides are not clipped (those carry gradient)."""
+    a, b = (1 + scale) / 2, (1 - scale) / 2
+    x1, y1, x2, y2 = boxes.unbind(1)
+    raw = torch.stack([a * x1 + b * x2, a * y1 + b * y2, a * x2 + b * x1, a * y2 + b * y1], 1)
+    lim = hw.flip(1).to(boxes.dtype)
+    zero = torch.zeros_like(raw[:, :2])
+    free = torch.cat([raw[:, :2] > zero, raw[:, 2:] < lim], 1)
+    ctx = torch.cat([torch.maximum(raw[:, :2], zero), torch.minimum(raw[:, 2:], lim)], 1)
+    return ctx, free
+
+
+def context_box(box: Sequence[float], height: int, width: int, scale: float = 1.5) -> list[float]:
+    """The context box B~ of a box: same center, `scale` x width and height, clipped."""
+    b = torch.tensor([list(map(float, box))], dtype=torch.float64)
+    ctx, _ = _context(b, torch.tensor([[height, width]]), scale)
+    return ctx[0].tolist()
+
+
+def _corner_points(boxes: Tensor, ctx: Tensor):
+    """The 8 corners, ordered TL, TR, BL, BR of B then of B~: xs, ys (N,8)."""
+    xs = torch.stack([boxes[:, 0], boxes[:, 2], boxes[:, 0], boxes[:, 2],
+                      ctx[:, 0], ctx[:, 2], ctx[:, 0], ctx[:, 2]], 1)
+    ys = torch.stack([boxes[:, 1], boxes[:, 1], boxes[:, 3], boxes[:, 3],
+                      ctx[:, 1], ctx[:, 1], ctx[:, 3], ctx[:, 3]], 1)
+    return xs, ys
+
+
+def _sat_lookup(sat_flat, base, hw, width1, xs, ys):
+    """SAT values at the 4 grid points around each (x, y) and the fractional offsets."""
+    i = torch.minimum(xs.floor(), (hw[:, 1:2] - 1).to(xs.dtype)).clamp(min=0)
+    j = torch.minimum(ys.floor(), (hw[:, 0:1] - 1).to(ys.dtype)).clamp(min=0)
+    idx = base[:, None] + j.long() * width1 + i.long()
+    idx = torch.stack([idx, idx + 1, idx + width1, idx + width1 + 1], -1)
+    corners = sat_flat[idx]  # (N,8,4): I00, I10, I01, I11
+    return corners, xs - i, ys - j
+
+
+def _eq3_analytic(sat_flat, base, hw, width1, boxes, scale):
+    """L (Eq. 3), dL/d(x1,y1,x2,y2) in closed form, and per side (N,4) the smaller of the
+    mean scores along the box's edge and along the context's outer edge (plateau rule)."""
+    ctx, free = _context(boxes, hw, scale)
+    xs, ys = _corner_points(boxes, ctx)
+    c, fx, fy = _sat_lookup(sat_flat, base, hw, width1, xs, ys)
+    i00, i10, i01, i11 = c.unbind(-1)
+    cross = i11 - i10 - i01 + i00
+    val = i00 + fx * (i10 - i00) + fy * (i01 - i00) + fx * fy * cross
+    dx = (i10 - i00) + fy * cross
+    dy = (i01 - i00) + fx * cross
+
+    def box_sum(o):  # o = 0 for B, 4 for B~; returns sum and d sum / d(x1, y1, x2, y2)
+        tl, tr, bl, br = o, o + 1, o + 2, o + 3
+        s = val[:, br] - val[:, bl] - val[:, tr] + val[:, tl]
+        ds = torch.stack([dx[:, tl] - dx[:, bl], dy[:, tl] - dy[:, tr],
+                          dx[:, br] - dx[:, tr], dy[:, br] - dy[:, bl]], 1)
+        return s, ds
+
+    fb, dfb = box_sum(0)
+    ft, dft = box_sum(4)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    wt, ht = ctx[:, 2] - ctx[:, 0], ctx[:, 3] - ctx[:, 1]
+    ab, at = w * h, wt * ht
+    dab = torch.stack([-h, -w, h, w], 1)
+    dat = torch.stack([-ht, -wt, ht, wt], 1)
+    # mean S along each side of B and along the outer side of B~ (d sum / d side = line sum)
+    edge = torch.minimum(
+        torch.stack([-dfb[:, 0] / h, -dfb[:, 1] / w, dfb[:, 2] / h, dfb[:, 3] / w], 1),
+        torch.stack([-dft[:, 0] / ht, -dft[:, 1] / wt, dft[:, 2] / ht, dft[:, 3] / wt], 1))
+    # chain rule through B~(B): x~1 = a x1 + b x2, x~2 = a x2 + b x1 (zero where clipped)
+    a, b = (1 + scale) / 2, (1 - scale) / 2
+    freef = free.to(boxes.dtype)
+
+    def through_ctx(d):
+        d = d * freef
+        return torch.stack([a * d[:, 0] + b * d[:, 2], a * d[:, 1] + b * d[:, 3],
+                            b * d[:, 0] + a * d[:, 2], b * d[:, 1] + a * d[:, 3]], 1)
+
+    num, den = ft - fb, at - ab
+    dnum = through_ctx(dft) - dfb
+    dden = through_ctx(dat) - dab
+    has_ring = den > 1e-9
+    den_s = torch.where(has_ring, den, torch.ones_like(den))
+    phi_c = torch.where(has_ring, num / den_s, torch.zeros_like(num))
+    dphi_c = (dnum * den_s[:, None] - num[:, None] * dden) / (den_s ** 2)[:, None]
+    dphi_c = dphi_c * has_ring[:, None].to(boxes.dtype)
+    phi_b = fb / ab
+    dphi_b = (dfb * ab[:, None] - fb[:, None] * dab) / (ab ** 2)[:, None]
+    return phi_c - phi_b, dphi_c - dphi_b, edge
+
+
+def _eq3_forward(sat_flat, base, hw, width1, boxes, scale):
+    """L (Eq. 3) by plain differentiable tensor ops (for autograd), same maths as above."""
+    ctx, _ = _context(boxes, hw, scale)
+    xs, ys = _corner_points(boxes, ctx)
+    c, fx, fy = _sat_lookup(sat_flat, base, hw, width1, xs, ys)
+    i00, i10, i01, i11 = c.unbind(-1)
+    val = i00 + fx * (i10 - i00) + fy * (i01 - i00) + fx * fy * (i11 - i10 - i01 + i00)
+    fb = val[:, 3] - val[:, 2] - val[:, 1] + val[:, 0]
+    ft = val[:, 7] - val[:, 6] - val[:, 5] + val[:, 4]
+    ab = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    at = (ctx[:, 2] - ctx[:, 0]) * (ctx[:, 3] - ctx[:, 1])
+    den = at - ab
+    has_ring = den > 1e-9
+    phi_c = torch.where(has_ring, (ft - fb) / torch.where(has_ring, den, torch.ones_like(den)),
+                        torch.zeros_like(den))
+    return phi_c - fb / ab
+
+
+def _eq3_autograd(sat_flat, base, hw, width1, boxes, scale):
+    """L and its gradient by autograd; edge means in closed form (not differentiated)."""
+    with torch.enable_grad():
+        x = boxes.detach().clone().requires_grad_(True)
+        loss = _eq3_forward(sat_flat, base, hw, width1, x, scale)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    edge = _eq3_analytic(sat_flat, base, hw, width1, boxes, scale)[2]
+    return loss.detach(), grad, edge
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def refine(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tensor,
+           class_ids: Tensor, peak_xy: Tensor | None = None,
+           peaks: tuple[Tensor, Tensor, Tensor] | None = None,
+           cfg: CCGRConfig | None = None, record_every: int | None = None,
+           image_sizes: Tensor | None = None, record_at: Sequence[int] | None = None,
+           gradient: str = "analytic") -> RefineResult:
+    """Refine boxes by minimising Eq. 3 with Adam (see the module docstring for the rules).
+
+    scores: padded (B, C+1, H, W) softmax maps (with image_sizes (B,2) = (H, W) per image,
+        the padding counting as outside) or a list of (C+1, H_i, W_i) maps.
+    boxes (N,4) [x1, y1, x2, y2] pixels; image_index (N,); class_ids (N,) 0-based classes.
+    peak_xy (N,2): each box's own peak (NaN rows: none); peaks = (image_index (P,),
+        class_id (P,), xy (P,2)): all peaks, for the peak rule. None: no peak rule.
+    record_every / record_at: keep the boxes at iterations 0, k, 2k, ... / at the given
+        iterations (0 = start) in result.trajectory, e.g. for mAP^b vs iteration (Fig. 5).
+    gradient: "analytic" (closed form) or "autograd" (same maths, for tests/baselines).
+    """
+    cfg = cfg or CCGRConfig()
+    maps, sizes = _stack_scores(scores, image_sizes)
+    dev = maps.device
+    boxes = torch.as_tensor(boxes, device=dev).reshape(-1, 4).to(torch.float64)
+    n = boxes.shape[0]
+    image_index = torch.as_tensor(image_index, device=dev).long().reshape(-1)
+    class_ids = torch.as_tensor(class_ids, device=dev).long().reshape(-1)
+    if peak_xy is not None:
+        peak_xy = torch.as_tensor(peak_xy, device=dev).to(torch.float64).reshape(-1, 2)
+    _check_boxes(boxes, image_index, class_ids, peak_xy, maps)
+    rec = _record_iterations(cfg.iterations, record_every, record_at)
+    if n == 0:
+        empty = torch.zeros(0, 4)
+        return RefineResult(empty, torch.zeros(0), torch.zeros(0, dtype=torch.long), [],
+                            torch.zeros(len(rec), 0, 4) if rec else None, rec)
+    eq3 = {"analytic": _eq3_analytic, "autograd": _eq3_autograd}[gradient]
+
+    hw = sizes.to(dev)[image_index]
+    sat, row = _summed_area_tables(maps, image_index, class_ids)
+    width1 = sat.shape[2]
+    sat_flat = sat.reshape(-1)
+    base = row * sat.shape[1] * width1
+    others, valid, allowed = _other_peaks(image_index, class_ids, peak_xy, peaks, dev)
+
+    boxes = torch.stack([torch.minimum(boxes[:, 0], boxes[:, 2]), torch.minimum(boxes[:, 1], boxes[:, 3]),
+                         torch.maximum(boxes[:, 0], boxes[:, 2]), torch.maximum(boxes[:, 1], boxes[:, 3])], 1)
+    lim = hw.flip(1).to(boxes.dtype)
+    outside = ((boxes[:, :2] >= lim) | (boxes[:, 2:] <= 0)).any(1)
+    boxes = _project(boxes, hw, cfg.min_size)
+    status = torch.full((n,), _RUNNING, dtype=torch.long, device=dev)
+    status[outside] = _DEGENERATE
+    status[(status == _RUNNING) & _too_many_peaks(boxes, others, valid, allowed)] = _SECOND_PEAK
+    steps = torch.zeros(n, dtype=torch.long, device=dev)
+
+    traj = [boxes.clone()] if 0 in rec else []
+    # state of the active boxes only, compacted whenever some stop
+    act = torch.nonzero(status == _RUNNING).flatten()
+    cur, a_hw, a_base = boxes[act], hw[act], base[act]
+    a_others, a_valid, a_allowed = others[act], valid[act], allowed[act]
+    m = torch.zeros_like(cur)
+    v = torch.zeros_like(cur)
+    still = torch.zeros(act.numel(), dtype=torch.long, device=dev)
+    a_steps = torch.zeros_like(still)
+    outward = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64, device=dev)
+    for t in range(1, cfg.iterations + 1):
+        if act.numel() == 0:
+            break
+        _, grad, edge = eq3(sat_flat, a_base, a_hw, width1, cur, cfg.context_scale)
+        size = (cur[:, 2:] - cur[:, :2]).repeat(1, 2)
+        g = grad * size  # dimensionless: Adam's steps come out in units of the box size
+        m.mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
+        v.mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
+        direction = (m / (1 - cfg.beta1 ** t)) / ((v / (1 - cfg.beta2 ** t)).sqrt() + 1e-12)
+        no_grad = g.abs() < cfg.flat_tol
+        expand = edge >= cfg.expand_threshold
+        direction = torch.where(expand, -outward, direction.masked_fill(no_grad, 0.0))
+        cand = _project(cur - _step_size(cfg, t) * direction * size, a_hw, cfg.min_size)
+
+        blocked = _too_many_peaks(cand, a_others, a_valid, a_allowed)
+        flat = no_grad.all(1) & ~expand.any(1)
+        moved = ((cand - cur).abs() / size).amax(1)
+        still = torch.where(moved < cfg.tol, still + 1, 0)
+        take = ~(blocked | flat)
+        cur = torch.where(take[:, None], cand, cur)
+        a_steps += take
+        new_status = torch.where(still >= cfg.patience, _CONVERGED, _RUNNING)
+        new_status = torch.where(flat, torch.where(a_steps > 0, _CONVERGED, _FLAT), new_status)
+        new_status = torch.where(blocked, _SECOND_PEAK, new_status)
+        if t == cfg.iterations:
+            new_status = torch.where(new_status == _RUNNING, _MAX_ITER, new_status)
+        done = new_status != _RUNNING
+        if t in rec or bool(done.any()):
+            boxes[act] = cur
+        if t in rec:
+            traj.append(boxes.clone())
+        if bool(done.any()):
+            status[act[done]] = new_status[done]
+            steps[act[done]] = a_steps[done]
+            keep = ~done
+            act, cur, a_hw, a_base = act[keep], cur[keep], a_hw[keep], a_base[keep]
+            a_others, a_valid, a_allowed = a_others[keep], a_valid[keep], a_allowed[keep]
+            m, v, still, a_steps = m[keep], v[keep], still[keep], a_steps[keep]
+    while len(traj) < len(rec):  # the loop ended early: all boxes keep their final box
+        traj.append(boxes.clone())
+
+    loss = _eq3_analytic(sat_flat, base, hw, width1, boxes, cfg.context_scale)[0]
+    reasons = [STOP_REASONS[int(s)] for s in status.tolist()]
+    return RefineResult(boxes.float(), loss.float(), steps, reasons,
+                        torch.stack(traj).float() if rec else None, rec)
+
+
+def _step_size(cfg: CCGRConfig, t: int) -> float:
+    """Cosine decay from lr to lr * lr_final over the iterations (relative step size)."""
+    frac = (t - 1) / max(cfg.iterations - 1, 1)
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _record_iterations(iterations, record_every, record_at) -> list[int]:
+    rec = set(int(k) for k in (record_at or []) if 0 <= int(k) <= iterations)
+    if record_every:
+        rec |= set(range(0, iterations + 1, int(record_every)))
+    return sorted(rec)
+
+
+def _too_many_peaks(boxes, others, valid, allowed) -> Tensor:
+    if others.shape[1] == 0:
+        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    px, py = others[..., 0], others[..., 1]
+    inside = valid & (px >= boxes[:, 0:1]) & (px <= boxes[:, 2:3]) & \
+        (py >= boxes[:, 1:2]) & (py <= boxes[:, 3:4])
+    return inside.sum(1) > allowed
+
+
+def _check_boxes(boxes, image_index, class_ids, peak_xy, maps) -> None:
+    n = boxes.shape[0]
+    if image_index.shape[0] != n or class_ids.shape[0] != n or \
+            (peak_xy is not None and peak_xy.shape[0] != n):
+        raise ValueError(f"boxes ({n}), image_index ({image_index.shape[0]}), class_ids "
+                         f"({class_ids.shape[0]}) and peak_xy must have one row per box")
+    if n == 0:
+        return
+    bad = ~torch.isfinite(boxes).all(1)
+    if bad.any():
+        k = int(torch.nonzero(bad)[0])
+        raise ValueError(f"box {k} (image {int(image_index[k])}) has non-finite coordinates "
+                         f"{boxes[k].tolist()}")
+    if int(image_index.min()) < 0 or int(image_index.max()) >= maps.shape[0]:
+        raise ValueError(f"image_index must lie in [0, {maps.shape[0]}), got "
+                         f"[{int(image_index.min())}, {int(image_index.max())}]")
+    if int(class_ids.min()) < 0 or int(class_ids.max()) >= maps.shape[1] - 1:
+        raise ValueError(f"class_ids must lie in [0, {maps.shape[1] - 1}) for maps with "
+                         f"{maps.shape[1]} channels (channel 0 = background)")
+
+
+def eq3_loss(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tensor,
+             class_ids: Tensor, context_scale: float = 1.5, image_sizes: Tensor | None = None,
+             with_grad: bool = False):
+    """Eq. 3 for many boxes at once without refining them (float64); with_grad also
+    returns dL/d(x1,y1,x2,y2). Boxes must lie inside their images."""
+    maps, sizes = _stack_scores(scores, image_sizes)
+    boxes = torch.as_tensor(boxes).reshape(-1, 4).to(torch.float64)
+    image_index = torch.as_tensor(image_index).long().reshape(-1)
+    class_ids = torch.as_tensor(class_ids).long().reshape(-1)
+    sat, row = _summed_area_tables(maps, image_index, class_ids)
+    loss, grad, _ = _eq3_analytic(sat.reshape(-1), row * sat.shape[1] * sat.shape[2],
+                                  sizes[image_index], sat.shape[2], boxes, context_scale)
+    return (loss, grad) if with_grad else loss
+
+
+def refine_reference(scores, boxes, image_index, class_ids, peak_xy=None, peaks=None,
+                     cfg: CCGRConfig | None = None, image_sizes=None) -> RefineResult:
+    """Naive baseline: one box at a time, autograd gradients, a Python loop over the
+    iterations. Same rules as `refine`; used by the benchmark and as a cross-check."""
+    boxes = torch.as_tensor(boxes).reshape(-1, 4)
+    image_index = torch.as_tensor(image_index).reshape(-1)
+    class_ids = torch.as_tensor(class_ids).reshape(-1)
+    parts = []
+    for k in range(boxes.shape[0]):
+        own = None if peak_xy is None else torch.as_tensor(peak_xy)[k:k + 1]
+        parts.append(refine(scores, boxes[k:k + 1], image_index[k:k + 1], class_ids[k:k + 1],
+                            own, peaks, cfg, image_sizes=image_sizes, gradient="autograd"))
+    if not parts:
+        return refine(scores, boxes, image_index, class_ids, cfg=cfg, image_sizes=image_sizes)
+    return RefineResult(torch.cat([p.boxes for p in parts]), torch.cat([p.loss for p in parts]),
+                        torch.cat([p.iterations for p in parts]),
+                        [r for p in parts for r in p.stop_reason])
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def pseudo_masks(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tensor,
+                 class_ids: Tensor, threshold: float = 0.4,
+                 image_sizes: Tensor | None = None) -> list[np.ndarray]:
+    """Pseudo instance masks (H_i, W_i) bool, one per box (see the module docstring): the
+    box crops its class's map; a pixel is kept where the class wins the argmax or scores
+    >= threshold; same-class overlaps go to the box the pixel is most central in."""
+    maps, sizes = _stack_scores(scores, image_sizes)
+    boxes = torch.as_tensor(boxes).reshape(-1, 4).to(torch.float64).cpu()
+    image_index = torch.as_tensor(image_index).long().reshape(-1).cpu()
+    class_ids = torch.as_tensor(class_ids).long().reshape(-1).cpu()
+    out: list[np.ndarray | None] = [None] * boxes.shape[0]
+    for img in image_index.unique().tolist():
+        h, w = sizes[img].tolist()
+        s = maps[img, :, :h, :w].cpu()
+        winner = s.argmax(0)
+        ys = torch.arange(h, dtype=torch.float64)[:, None] + 0.5
+        xs = torch.arange(w, dtype=torch.float64)[None] + 0.5
+        for c in class_ids[image_index == img].unique().tolist():
+            sel = torch.nonzero((image_index == img) & (class_ids == c)).flatten()
+            b = boxes[sel]
+            fg = (winner == c + 1) | (s[c + 1] >= threshold)
+            half_w = ((b[:, 2] - b[:, 0]) / 2).clamp(min=1e-6)[:, None, None]
+            half_h = ((b[:, 3] - b[:, 1]) / 2).clamp(min=1e-6)[:, None, None]
+            dist = torch.maximum((xs - (b[:, 0] + b[:, 2])[:, None, None] / 2).abs() / half_w,
+                                 (ys - (b[:, 1] + b[:, 3])[:, None, None] / 2).abs() / half_h)
+            inside = (xs >= b[:, 0, None, None]) & (xs < b[:, 2, None, None]) & \
+                (ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None]) & fg
+            # ties to the smaller box, then the lower index: a tiny area-ordered tie-break
+            area = (half_w * half_h).flatten()
+            rank = torch.empty_like(area)
+            rank[torch.argsort(area, stable=True)] = torch.arange(len(area), dtype=area.dtype)
+            key = torch.where(inside, dist + rank[:, None, None] * 1e-9, torch.full_like(dist, math.inf))
+            owner = key.argmin(0)
+            for k, i in enumerate(sel.tolist()):
+                out[i] = (inside[k] & (owner == k)).numpy()
+    return out  # type: ignore[return-value]
+
+
+def masks_to_rle(masks: Sequence[np.ndarray]) -> list[str]:
+    """COCO compressed RLE strings (wsis_ray.data.records.encode_mask) of bool masks."""
+    from wsis_ray.data.records import encode_mask
+    return [encode_mask(mk) for mk in masks]
