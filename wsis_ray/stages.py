@@ -37,11 +37,11 @@ def image_rows(records: list[ImageRecord], boxes: pa.Table, anchors: pa.Table) -
     """
     by_image: dict[int, dict[str, list]] = {}
     for r in boxes.to_pylist():
-        d = by_image.setdefault(r["image_id"], {"boxes": [], "class_ids": [], "scores": [],
+        d = by_image.setdefault(r["image_id"], {"boxes": [], "class_ids": [], "box_scores": [],
                                                 "peaks": []})
         d["boxes"].append([float(v) for v in r["box"]])
         d["class_ids"].append(int(r["class_id"]))
-        d["scores"].append(float(r["score"]))
+        d["box_scores"].append(float(r["score"]))
         d["peaks"].append([float(r["peak_x"]), float(r["peak_y"])])
     all_peaks: dict[int, list] = {}
     for a in anchors.to_pylist():
@@ -73,7 +73,7 @@ class ScoreMaps:
         maps = self.score_fn(images)
         out = {k: v for k, v in batch.items() if k != "path"}
         # float16 halves what moves between stages; CCGR works in float32 again.
-        out["scores"] = _ragged([m.astype(np.float16) for m in maps])
+        out["score_maps"] = _ragged([m.astype(np.float16) for m in maps])
         return out
 
 
@@ -93,11 +93,11 @@ class Refine:
 
 def refine_batch(batch: dict[str, np.ndarray], cfg: CCGRConfig, round_index: int) -> list[dict]:
     """Refine all boxes of a batch of images; return PSEUDO_LABEL_SCHEMA rows."""
-    maps = [torch.from_numpy(np.asarray(s, dtype=np.float32)) for s in batch["scores"]]
+    maps = [torch.from_numpy(np.asarray(s, dtype=np.float32)) for s in batch["score_maps"]]
     boxes, img_idx, cls, own_peak, scores = [], [], [], [], []
     pk_img, pk_cls, pk_xy = [], [], []
     for i in range(len(maps)):
-        for b, c, s, p in zip(batch["boxes"][i], batch["class_ids"][i], batch["scores"][i],
+        for b, c, s, p in zip(batch["boxes"][i], batch["class_ids"][i], batch["box_scores"][i],
                               batch["peaks"][i]):
             boxes.append(np.asarray(b, dtype=np.float32))
             img_idx.append(i)
