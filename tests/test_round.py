@@ -1,0 +1,111 @@
+"""The round job end to end on a tiny demo (real Ray Train and Ray Data paths), and
+kill-and-resume: a run SIGKILLed after a step and re-run finishes with the same artefacts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from wsis_ray.data.records import decode_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "tiny.yaml"
+
+
+def _job(run_dir, data_dir, address, *extra):
+    return [sys.executable, str(ROOT / "jobs" / "round.py"), "--config", str(TINY),
+            "--run-dir", str(run_dir), "--data-root", str(data_dir), "--address", address, *extra]
+
+
+@pytest.fixture(scope="module")
+def address(ray_session):
+    return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, address):
+    base = tmp_path_factory.mktemp("round")
+    proc = subprocess.run(_job(base / "run", base / "data", address), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return base, proc.stdout
+
+
+def test_round_end_to_end(full_run):
+    base, out = full_run
+    run = base / "run"
+    manifest = json.loads((run / "manifest.json").read_text())["steps"]
+    for step in ["seeds", "round_1/mil", "round_1/ss", "round_1/ccgr", "round_1/is",
+                 "round_1/eval", "round_1/update", "round_2/ccgr", "round_2/eval", "final",
+                 "report"]:
+        assert step in manifest, step
+    assert "| round_2 |" in out and "mAP^r@0.5" in out
+    # Pseudo labels: plain pyarrow, our schema, masks decode to the image size.
+    table = pq.read_table(run / "round_1" / "pseudo.parquet")
+    assert table.num_rows > 0
+    for row in table.to_pylist():
+        m = decode_mask(row["rle_counts"], row["height"], row["width"])
+        assert m.shape == (row["height"], row["width"])
+    coco = json.loads((run / "round_1" / "pseudo_coco.json").read_text())
+    assert coco["images"] and coco["categories"]
+    metrics = json.loads((run / "final" / "metrics.json").read_text())
+    assert set(metrics["summary"]) >= {"mAP_r@0.25", "mAP_r@0.5", "mAP_r@0.7", "mAP_r@0.75",
+                                       "mAP_b@0.5"}
+    assert (run / "report.md").read_text().count("round_") >= 2
+    from wsis_ray.branches import instance
+    model, meta = instance.load_checkpoint(str(run / "final" / "model.pt"))
+    assert meta["classes"] and meta["round"] == 2
+
+
+def test_rerun_skips_everything(full_run, address):
+    base, _ = full_run
+    proc = subprocess.run(_job(base / "run", base / "data", address), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[start]" not in proc.stdout and proc.stdout.count("[skip]") >= 10
+
+
+def test_other_config_is_refused(full_run, address):
+    base, _ = full_run
+    proc = subprocess.run(_job(base / "run", base / "data", address, "--set", "ccgr.iterations=7"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "different config" in proc.stderr
+
+
+def test_kill_and_resume_gives_same_artefacts(full_run, tmp_path, address):
+    base, _ = full_run
+    run = tmp_path / "run"
+    cmd = _job(run, base / "data", address)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    killed = False
+    for line in proc.stdout:
+        if line.startswith("[done] round_1/ccgr"):
+            os.killpg(proc.pid, signal.SIGKILL)  # mid-run, no chance to clean up
+            killed = True
+            break
+    proc.wait(timeout=60)
+    assert killed
+    done = json.loads((run / "manifest.json").read_text())["steps"]
+    assert "round_1/ccgr" in done and "round_1/is" not in done
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "[skip] round_1/ccgr" in resumed.stdout and "[start] round_1/is" in resumed.stdout
+    ref = base / "run"
+    for rel in ["round_1/pseudo.parquet", "round_2/pseudo.parquet"]:
+        a = pq.read_table(ref / rel).sort_by([("image_id", "ascending"), ("class_id", "ascending")])
+        b = pq.read_table(run / rel).sort_by([("image_id", "ascending"), ("class_id", "ascending")])
+        assert a.equals(b), rel
+    sa = torch.load(ref / "final" / "model.pt", weights_only=False)
+    sb = torch.load(run / "final" / "model.pt", weights_only=False)
+    for k, v in sa["state_dict"].items():
+        assert torch.equal(v, sb["state_dict"][k]), k
+    ma = json.loads((ref / "final" / "metrics.json").read_text())["summary"]
+    mb = json.loads((run / "final" / "metrics.json").read_text())["summary"]
+    assert ma == mb
