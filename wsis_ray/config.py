@@ -218,6 +218,7 @@ class RoundConfig:
     no_mil: bool = False
     supervision: str = "image"  # image | full (upper bound: Mask R-CNN on GT masks)
     bag_score_threshold: float = 0.5  # IS boxes at least this confident become next bags
+    max_bags_per_class: int = 10  # per image and labelled class, the most confident first
     seed_figures: bool = True  # peak/proposal/bag recall and seed mIoU on val (needs val GT)
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -70,6 +71,12 @@ def init_ray(address: str | None, cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    # Local workers inherit this: they import wsis_ray from this checkout even when it is
+    # not pip-installed (a cluster gets the code through `ray job submit --working-dir`).
+    root = str(Path(__file__).resolve().parents[1])
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in paths if p])
     if address:
         ray.init(address=address)
     else:
@@ -244,7 +251,7 @@ def train_ss(r: int, ctx: Context):
                         ctx.storage, name=f"{rd}-ss", init_trunk=init_trunk(ctx, r))
     save_torch(ctx, f"{rd}/ss/state.pt", {"model": out["model"]})
     save_torch(ctx, f"{rd}/ss/trunk.pt", out["trunk"])
-    metrics = {"loss": out["metrics"].get("loss"), "val_mIoU": ss_miou(ctx, out["model"])}
+    metrics = {"loss": out["metrics"].get("loss"), "val_mIoU": ss_miou(ctx, out["model"])["miou"]}
     return [f"{rd}/ss/state.pt", f"{rd}/ss/trunk.pt"], metrics
 
 
@@ -465,7 +472,8 @@ def update(r: int, ctx: Context):
         boxes = props.get(rec.image_id, (np.zeros((0, 4), np.float32), None))[0]
         n = 0
         for c in rec.class_ids:
-            cp = [x for x in preds if index[x["category_id"]] == c]
+            cp = sorted((x for x in preds if index[x["category_id"]] == c),
+                        key=lambda x: -x["score"])[:cfg.round.max_bags_per_class]
             if not cp:
                 for b in old.get((rec.image_id, c), []):  # keep the previous bags
                     rows.append(dict(b, bag_id=n))
