@@ -19,7 +19,7 @@ class RectScores:
     falling to ~0 over a few pixels, everywhere else background."""
 
     def __call__(self):
-        def score(images):
+        def score(images, image_ids):
             out = []
             for im in images:
                 h, w = im.shape[:2]

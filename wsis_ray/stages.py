@@ -25,7 +25,8 @@ from wsis_ray.config import CCGRConfig
 from wsis_ray.data.datasets import load_image
 from wsis_ray.data.records import PSEUDO_LABEL_SCHEMA, ImageRecord, encode_mask, resolve_fs
 
-ScoreFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+# (images, image_ids) -> one (C+1, H, W) softmax score map per image
+ScoreFn = Callable[[list[np.ndarray], list[int]], list[np.ndarray]]
 
 
 def image_rows(records: list[ImageRecord], boxes: pa.Table, anchors: pa.Table) -> list[dict]:
@@ -70,10 +71,38 @@ class ScoreMaps:
         images = [load_image(ImageRecord(int(i), str(p), int(h), int(w), ()))
                   for i, p, h, w in zip(batch["image_id"], batch["path"], batch["height"],
                                         batch["width"])]
-        maps = self.score_fn(images)
+        maps = self.score_fn(images, [int(i) for i in batch["image_id"]])
         out = {k: v for k, v in batch.items() if k != "path"}
         # float16 halves what moves between stages; CCGR works in float32 again.
         out["score_maps"] = _ragged([m.astype(np.float16) for m in maps])
+        return out
+
+
+class PrecomputedScoreFn:
+    """Score-map factory for maps computed elsewhere: DIR/<image_id>.npy, (C+1, H, W)."""
+
+    def __init__(self, maps_dir: str):
+        self.maps_dir = maps_dir.rstrip("/")
+
+    def __call__(self) -> ScoreFn:
+        return self.load
+
+    def load(self, images: list[np.ndarray], image_ids: list[int]) -> list[np.ndarray]:
+        import io
+
+        fs, root = resolve_fs(self.maps_dir)
+        out = []
+        for im, i in zip(images, image_ids):
+            try:
+                with fs.open_input_stream(f"{root}/{i}.npy") as f:
+                    m = np.load(io.BytesIO(f.read()))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"score map {self.maps_dir}/{i}.npy of image {i} is "
+                                        "missing") from e
+            if m.ndim != 3 or m.shape[1:] != im.shape[:2]:
+                raise ValueError(f"score map {self.maps_dir}/{i}.npy has shape {m.shape}; "
+                                 f"expected (C+1, {im.shape[0]}, {im.shape[1]})")
+            out.append(m.astype(np.float32))
         return out
 
 

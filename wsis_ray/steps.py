@@ -286,7 +286,7 @@ class SSScoreFn:
         if torch.cuda.is_available():
             model = model.cuda()
         size = self.cfg.ss.image_size
-        return lambda images: semseg.predict_scores(model, images, size)
+        return lambda images, image_ids=None: semseg.predict_scores(model, images, size)
 
 
 def boxes_from_masks(r: int, ctx: Context):
