@@ -278,3 +278,10 @@ def test_pseudo_masks_argmax_threshold_and_overlap():
     assert c[12, 5] and c[15, 5] and not c[5, 5]  # other class: argmax or >= 0.4
     rle = masks_to_rle(masks)
     assert (decode_mask(rle[0], 20, 20) == a).all()
+
+
+def test_elongated_object_partial_plateau():
+    # the box spans the bar tightly in y; its x-context lies inside the bar (dL/dx = 0)
+    obj = (10, 40, 90, 55)
+    r = one(soft_map(96, 100, [("rect", *obj)]), (40, 42, 55, 53))
+    assert iou(r.boxes[0], obj) >= 0.9

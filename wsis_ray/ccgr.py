@@ -33,18 +33,25 @@ kink of L (a sharp object edge).
 Flat maps and plateaus
 ----------------------
 Where S is constant over both the box and its context, Phi(B) = Phi(C) for every nearby
-box, so Eq. 3 has no gradient at all. The engine then decides by the score level:
-- if the context's outer edge still scores >= expand_threshold (the box and its context
-  lie inside one object, e.g. a small MIL box in the middle of a large object), the box
-  steps outward by lr * size on each such side until its context reaches the object's
-  boundary, where Eq. 3's gradient takes over ("plateau expansion");
-- otherwise (an all-zero map, a uniform low-score region) nothing indicates a direction:
-  the box stops where it is with stop_reason "flat" and its Eq. 3 loss (0 on a flat map).
-The same per-coordinate rule covers partial plateaus: an elongated object whose box spans
-it tightly in y but whose x-context lies inside it has dL/dx = 0 exactly; those sides step
-outward while the other coordinates follow the gradient. "No gradient" means
-|dL/dx| * size < flat_tol; a box whose gradient vanishes after it has moved (a smooth
-optimum) is "converged".
+box, so Eq. 3 has no gradient at all (and float rounding noise must not be mistaken for
+one: Adam would blow it up to full-size steps; hence float64 SATs and flat_tol). The engine
+decides by the score level, per side of the box:
+- plateau expansion: a side steps outward by lr * size when the mean of S along that side
+  of the box AND along the outer side of its context are both >= expand_threshold (0.5),
+  i.e. the box cuts through a region of its class that continues across the whole context
+  on that side (a small MIL box in the middle of a large object). It keeps stepping until
+  the context reaches the object's boundary, where Eq. 3's gradient takes over;
+- otherwise, where no coordinate has a gradient (|dL/dx| * size < flat_tol), nothing
+  indicates a direction: an all-zero map, a uniform low-score region. The box stops where
+  it is with stop_reason "flat" and its Eq. 3 loss (0 on a flat map); if it had already
+  moved (a smooth optimum) the reason is "converged".
+The same rule covers two cases where Eq. 3 alone gets stuck on real maps: partial plateaus
+(a box spanning an elongated object tightly in y while its x-context lies inside the
+object has dL/dx1 = dL/dx2 = 0 exactly), and the image border: when the context is clipped,
+a box in the corner of an object that fills most of the image has a ring with a fixed-width
+strip of background, and Eq. 3 then prefers to *shrink* the box (seen with a 300 px object
+in a 340 px image). At a real optimum the context's outer side lies on background, so the
+rule is inactive there; same-class objects that touch are kept apart by the peak rule.
 
 Constraints and stop rules (kept at every step)
 -----------------------------------------------

@@ -143,8 +143,8 @@ class CCGRConfig:
     tol/patience: a box whose every coordinate moves less than tol x its size for
       `patience` consecutive iterations is "converged" and drops out.
     flat_tol: |dL/dcoord| x size below this counts as no gradient (flat map).
-    expand_threshold: where a coordinate has no gradient and the context's outer edge on
-      that side still scores >= this, the side steps outward (plateau expansion).
+    expand_threshold: a side steps outward while the mean score along it and along the
+      context's outer side are both >= this (plateau expansion; see ccgr.py).
     mask_threshold: a pixel of a refined box joins the pseudo mask where its class wins the
       argmax or scores >= this.
     """
