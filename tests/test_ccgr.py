@@ -229,6 +229,8 @@ def test_degenerate_inputs():
     assert ((b[:, 2] - b[:, 0]) >= 2.0 - 1e-6).all() and ((b[:, 3] - b[:, 1]) >= 2.0 - 1e-6).all()
     assert (b >= 0).all() and (b <= 32).all()
     assert iou(b[1], (8, 8, 24, 24)) >= 0.9 and iou(b[3], (8, 8, 24, 24)) >= 0.9
+    none = refine(s, boxes[1:2], z[:1], z[:1], cfg=CCGRConfig(iterations=0))
+    assert none.stop_reason == ["max_iterations"] and int(none.iterations[0]) == 0
     empty = refine(s, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
                    torch.zeros(0, dtype=torch.long), record_every=50)
     assert empty.boxes.shape == (0, 4) and empty.stop_reason == []

@@ -449,6 +449,7 @@ def refine(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tensor
             state = [x[~done] for x in state]
     while len(traj) < len(rec):  # the loop ended early: all boxes keep their final box
         traj.append(boxes.clone())
+    status[status == _RUNNING] = _MAX_ITER  # only with iterations == 0
 
     loss = _eq3_analytic(sat_flat, base, lim, width1, boxes, mats)[0]
     reasons = [STOP_REASONS[int(s)] for s in status.tolist()]
