@@ -203,10 +203,11 @@ def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
     n = image_index.shape[0]
     allowed = torch.isnan(peak_xy).any(1).long() if peak_xy is not None else \
         torch.ones(n, dtype=torch.long, device=device)
-    if peaks is None or peaks[0].numel() == 0 or n == 0:
+    if peaks is not None:
+        p_img, p_cls, p_xy = (torch.as_tensor(t, device=device) for t in peaks)
+    if peaks is None or p_img.numel() == 0 or n == 0:
         return (torch.zeros(n, 0, 2, dtype=torch.float64, device=device),
                 torch.zeros(n, 0, dtype=torch.bool, device=device), allowed)
-    p_img, p_cls, p_xy = (torch.as_tensor(t, device=device) for t in peaks)
     p_xy = p_xy.to(torch.float64).reshape(-1, 2)
     match = (image_index[:, None] == p_img[None].long()) & (class_ids[:, None] == p_cls[None].long())
     if peak_xy is not None:
