@@ -374,8 +374,21 @@ def refine(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tensor
     record_every / record_at: keep the boxes at iterations 0, k, 2k, ... / at the given
         iterations (0 = start) in result.trajectory, e.g. for mAP^b vs iteration (Fig. 5).
     gradient: "analytic" (closed form) or "autograd" (same maths, for tests/baselines).
+    On CPU it runs with cfg.num_threads torch threads (restored afterwards).
     """
     cfg = cfg or CCGRConfig()
+    before = torch.get_num_threads()
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _refine(scores, boxes, image_index, class_ids, peak_xy, peaks, cfg,
+                       record_every, image_sizes, record_at, gradient)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _refine(scores, boxes, image_index, class_ids, peak_xy, peaks, cfg, record_every,
+            image_sizes, record_at, gradient) -> RefineResult:
     maps, sizes = _stack_scores(scores, image_sizes)
     dev = maps.device
     boxes = torch.as_tensor(boxes, device=dev).reshape(-1, 4).to(torch.float64)
