@@ -5,8 +5,11 @@ stopping off, so every box costs the full 200 steps) on 256x256 and 512x512 maps
 - the batched engine (`refine`, all boxes of all images in one call, closed-form gradient),
 - the naive reference (`refine_reference`: one box at a time, autograd, Python loop),
 - the round job's case: 8 images x 5 boxes per call, with default convergence stopping,
-and the ratio. Timings include building the summed-area tables. Memory: peak process RSS
-(CPU) or peak allocated device memory (CUDA). Picks CUDA when present.
+and the ratio. Timings include building the summed-area tables. Both run with
+CCGRConfig.num_threads (1) torch threads on CPU. Rates are given per wall second and per
+process CPU second (the latter is what the code costs when other processes share the
+cores). Memory: peak process RSS (CPU) or peak allocated device memory (CUDA). Picks CUDA
+when present.
 
     PYTHONPATH=. python bench/ccgr.py [--images 64] [--boxes-per-image 16] [--threads 2]
 """
