@@ -413,13 +413,7 @@ def _refine(scores, boxes, image_index, class_ids, peak_xy, peaks, cfg, record_e
     base = (row * sat.shape[1] * width1)[:, None]
     others, valid, allowed = _other_peaks(image_index, class_ids, peak_xy, peaks, dev)
 
-    boxes = torch.stack([torch.minimum(boxes[:, 0], boxes[:, 2]), torch.minimum(boxes[:, 1], boxes[:, 3]),
-                         torch.maximum(boxes[:, 0], boxes[:, 2]), torch.maximum(boxes[:, 1], boxes[:, 3])], 1)
-    outside = ((boxes[:, :2] >= lim[:, :2]) | (boxes[:, 2:] <= 0)).any(1)
-    boxes = _project(boxes, lim, cfg.min_size)
-    status = torch.full((n,), _RUNNING, dtype=torch.long, device=dev)
-    status[outside] = _DEGENERATE
-    status[(status == _RUNNING) & _too_many_peaks(boxes, others, valid, allowed)] = _SECOND_PEAK
+    boxes, status = _initial_boxes(boxes, lim, cfg.min_size, others, valid, allowed)
     steps = torch.zeros(n, dtype=torch.long, device=dev)
 
     traj = [boxes.clone()] if 0 in rec else []
@@ -469,6 +463,18 @@ def _refine(scores, boxes, image_index, class_ids, peak_xy, peaks, cfg, record_e
     reasons = [STOP_REASONS[int(s)] for s in status.tolist()]
     return RefineResult(boxes.float(), loss.float(), steps, reasons,
                         torch.stack(traj).float() if rec else None, rec)
+
+
+def _initial_boxes(boxes, lim, min_size, others, valid, allowed):
+    """Swap inverted coordinates, mark boxes outside their image "degenerate" and boxes that
+    already hold a second peak "second_peak", project all onto the constraints."""
+    lo, hi = torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])
+    outside = ((lo >= lim[:, :2]) | (hi <= 0)).any(1)
+    boxes = _project(torch.cat([lo, hi], 1), lim, min_size)
+    status = torch.full((boxes.shape[0],), _RUNNING, dtype=torch.long, device=boxes.device)
+    status[outside] = _DEGENERATE
+    status[(status == _RUNNING) & _too_many_peaks(boxes, others, valid, allowed)] = _SECOND_PEAK
+    return boxes, status
 
 
 def _adam_step(cur, grad, edge, m, v, lim, t, cfg):
