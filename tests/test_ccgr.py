@@ -203,6 +203,21 @@ def test_batched_equals_each_box_alone():
     assert batched.trajectory_iterations == [0, 40, 80, 120, 160, 200]
 
 
+def test_chunked_summed_area_tables_give_the_same_result(monkeypatch):
+    import wsis_ray.ccgr as ccgr
+    maps = torch.cat([soft_map(48, 48, [("rect", 8, 8, 30, 34)]),
+                      soft_map(48, 48, [("disk", 24, 24, 12)])])
+    boxes = torch.tensor([[10.0, 10.0, 18.0, 20.0], [20.0, 20.0, 28.0, 28.0], [12.0, 14.0, 20.0, 22.0]])
+    ii, cc = torch.tensor([0, 1, 0]), torch.zeros(3, dtype=torch.long)
+    whole = refine(maps, boxes, ii, cc, record_every=50)
+    monkeypatch.setattr(ccgr, "_SAT_CHUNK_BYTES", 49 * 49 * 8)  # one (image, class) each
+    assert len(ccgr._sat_chunks(ii, cc, maps.shape)) == 2
+    parts = refine(maps, boxes, ii, cc, record_every=50)
+    torch.testing.assert_close(parts.boxes, whole.boxes)
+    torch.testing.assert_close(parts.trajectory, whole.trajectory)
+    assert parts.stop_reason == whole.stop_reason
+
+
 def test_padded_batch_treats_padding_as_outside():
     s = soft_map(40, 40, [("rect", 10, 10, 40, 40)])  # object touches the image border
     padded = torch.zeros(1, 2, 64, 64)

@@ -377,32 +377,73 @@ def refine(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tensor
     On CPU it runs with cfg.num_threads torch threads (restored afterwards).
     """
     cfg = cfg or CCGRConfig()
-    before = torch.get_num_threads()
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        return _refine(scores, boxes, image_index, class_ids, peak_xy, peaks, cfg,
-                       record_every, image_sizes, record_at, gradient)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _refine(scores, boxes, image_index, class_ids, peak_xy, peaks, cfg, record_every,
-            image_sizes, record_at, gradient) -> RefineResult:
     maps, sizes = _stack_scores(scores, image_sizes)
     dev = maps.device
     boxes = torch.as_tensor(boxes, device=dev).reshape(-1, 4).to(torch.float64)
-    n = boxes.shape[0]
     image_index = torch.as_tensor(image_index, device=dev).long().reshape(-1)
     class_ids = torch.as_tensor(class_ids, device=dev).long().reshape(-1)
     if peak_xy is not None:
         peak_xy = torch.as_tensor(peak_xy, device=dev).to(torch.float64).reshape(-1, 2)
     _check_boxes(boxes, image_index, class_ids, peak_xy, maps)
     rec = _record_iterations(cfg.iterations, record_every, record_at)
+    before = torch.get_num_threads()
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        chunks = _sat_chunks(image_index, class_ids, maps.shape)
+        if len(chunks) == 1:
+            return _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg,
+                           rec, gradient)
+        parts = [_refine(maps, sizes, boxes[k], image_index[k], class_ids[k],
+                         None if peak_xy is None else peak_xy[k], peaks, cfg, rec, gradient)
+                 for k in chunks]
+        return _merge(parts, chunks, boxes.shape[0], rec)
+    finally:
+        torch.set_num_threads(before)
+
+
+_SAT_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def _sat_chunks(image_index, class_ids, shape) -> list[Tensor]:
+    """Box indices in groups whose summed-area tables fit in _SAT_CHUNK_BYTES (all boxes of
+    one (image, class) pair in the same group), so memory stays bounded for big calls."""
+    n_cls, h, w = shape[1] - 1, shape[2], shape[3]
+    per_chunk = max(1, _SAT_CHUNK_BYTES // ((h + 1) * (w + 1) * 8))
+    _, rank = torch.unique(image_index * n_cls + class_ids, return_inverse=True)
+    chunk = rank // per_chunk
+    if image_index.numel() == 0 or int(chunk.max()) == 0:
+        return [torch.arange(image_index.numel(), device=image_index.device)]
+    return [torch.nonzero(chunk == k).flatten() for k in range(int(chunk.max()) + 1)]
+
+
+def _merge(parts: list[RefineResult], chunks: list[Tensor], n: int, rec) -> RefineResult:
+    boxes, loss = torch.zeros(n, 4), torch.zeros(n)
+    iterations = torch.zeros(n, dtype=torch.long)
+    reasons = [""] * n
+    traj = torch.zeros(len(rec), n, 4) if rec else None
+    for part, k in zip(parts, chunks):
+        k = k.cpu()
+        boxes[k], loss[k], iterations[k] = part.boxes.cpu(), part.loss.cpu(), part.iterations.cpu()
+        for i, r in zip(k.tolist(), part.stop_reason):
+            reasons[i] = r
+        if rec:
+            traj[:, k] = part.trajectory.cpu()
+    dev = parts[0].boxes.device
+    return RefineResult(boxes.to(dev), loss.to(dev), iterations.to(dev), reasons,
+                        None if traj is None else traj.to(dev), rec)
+
+
+def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec,
+            gradient) -> RefineResult:
+    """The engine for boxes whose SATs fit in memory at once (see refine)."""
+    dev = maps.device
+    n = boxes.shape[0]
     if n == 0:
-        empty = torch.zeros(0, 4)
-        return RefineResult(empty, torch.zeros(0), torch.zeros(0, dtype=torch.long), [],
-                            torch.zeros(len(rec), 0, 4) if rec else None, rec)
+        empty = torch.zeros(0, 4, device=dev)
+        return RefineResult(empty, torch.zeros(0, device=dev),
+                            torch.zeros(0, dtype=torch.long, device=dev), [],
+                            torch.zeros(len(rec), 0, 4, device=dev) if rec else None, rec)
     eq3 = {"analytic": _eq3_analytic, "autograd": _eq3_autograd}[gradient]
 
     lim = sizes.to(dev)[image_index].flip(1).repeat(1, 2).to(torch.float64)  # (W, H, W, H)
