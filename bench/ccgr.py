@@ -39,7 +39,8 @@ def synthetic(n_images: int, size: int, boxes_per_image: int, n_classes: int = 4
         for _ in range(boxes_per_image):
             c = int(torch.randint(n_classes, (1,), generator=g))
             w, h = (0.1 + 0.25 * torch.rand(2, generator=g)) * size
-            cx, cy = torch.stack([w, h]) / 2 + torch.rand(2, generator=g) * (size - torch.stack([w, h]))
+            wh = torch.stack([w, h])
+            cx, cy = wh / 2 + torch.rand(2, generator=g) * (size - wh)
             inside = ((xs - cx).abs() / (w / 2)) ** 2 + ((ys - cy).abs() / (h / 2)) ** 2
             logits[i, c + 1] = torch.maximum(logits[i, c + 1], 8 * (1 - inside))
             fx, fy = 0.3 + 0.3 * torch.rand(2, generator=g)

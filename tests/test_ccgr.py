@@ -207,7 +207,8 @@ def test_chunked_summed_area_tables_give_the_same_result(monkeypatch):
     import wsis_ray.ccgr as ccgr
     maps = torch.cat([soft_map(48, 48, [("rect", 8, 8, 30, 34)]),
                       soft_map(48, 48, [("disk", 24, 24, 12)])])
-    boxes = torch.tensor([[10.0, 10.0, 18.0, 20.0], [20.0, 20.0, 28.0, 28.0], [12.0, 14.0, 20.0, 22.0]])
+    boxes = torch.tensor([[10.0, 10.0, 18.0, 20.0], [20.0, 20.0, 28.0, 28.0],
+                          [12.0, 14.0, 20.0, 22.0]])
     ii, cc = torch.tensor([0, 1, 0]), torch.zeros(3, dtype=torch.long)
     whole = refine(maps, boxes, ii, cc, record_every=50)
     monkeypatch.setattr(ccgr, "_SAT_CHUNK_BYTES", 49 * 49 * 8)  # one (image, class) each

@@ -212,7 +212,8 @@ def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
         return (torch.zeros(n, 0, 2, dtype=torch.float64, device=device),
                 torch.zeros(n, 0, dtype=torch.bool, device=device), allowed)
     p_xy = p_xy.to(torch.float64).reshape(-1, 2)
-    match = (image_index[:, None] == p_img[None].long()) & (class_ids[:, None] == p_cls[None].long())
+    match = (image_index[:, None] == p_img[None].long()) & \
+        (class_ids[:, None] == p_cls[None].long())
     if peak_xy is not None:
         own = (p_xy[None] - peak_xy[:, None].to(torch.float64)).abs().amax(-1) < 1e-3
         match &= ~own
@@ -267,7 +268,8 @@ def _mats(scale: float, device, dtype=torch.float64):
             C=c.to(device), CT=c.t().contiguous().to(device), XI=xi.to(device),
             YI=yi.to(device), SUM=corner_sum.to(device), D=d.to(device), SIZE=size.to(device),
             SIGN=torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=dtype, device=device),
-            HW=torch.tensor([1, 0, 1, 0], device=device))
+            HW=torch.tensor([1, 0, 1, 0], device=device),
+            OUT=torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device))  # outward step
     return _MATS[key]
 
 
@@ -474,7 +476,7 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
             break
         cur, a_lim, a_base, a_others, a_valid, a_allowed, m, v, still, a_steps = state
         _, grad, edge = eq3(sat_flat, a_base, a_lim, width1, cur, mats)
-        cand, no_grad, expand, size = _adam_step(cur, grad, edge, m, v, a_lim, t, cfg)
+        cand, no_grad, expand, size = _adam_step(cur, grad, edge, m, v, a_lim, t, cfg, mats["OUT"])
         blocked = _too_many_peaks(cand, a_others, a_valid, a_allowed)
         flat = no_grad.all(1) & ~expand.any(1)
         moved = ((cand - cur).abs() / size).amax(1)
@@ -482,19 +484,19 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
         take = ~(blocked | flat)
         cur = torch.where(take[:, None], cand, cur)
         a_steps += take
-        new_status = torch.where(still >= cfg.patience, _CONVERGED, _RUNNING)
-        new_status = torch.where(flat, torch.where(a_steps > 0, _CONVERGED, _FLAT), new_status)
-        new_status = torch.where(blocked, _SECOND_PEAK, new_status)
-        if t == cfg.iterations:
-            new_status = torch.where(new_status == _RUNNING, _MAX_ITER, new_status)
         state[0], state[8] = cur, still
-        done = new_status != _RUNNING
-        any_done = bool(done.any())
+        done = blocked | flat | (still >= cfg.patience)
+        any_done = t == cfg.iterations or bool(done.any())
         if any_done or t in rec_set:
             boxes[act] = cur
         if t in rec_set:
             traj.append(boxes.clone())
-        if any_done:
+        if any_done:  # rare: name the reasons only then
+            last = _MAX_ITER if t == cfg.iterations else _RUNNING
+            new_status = torch.where(still >= cfg.patience, _CONVERGED, last)
+            new_status = torch.where(flat, torch.where(a_steps > 0, _CONVERGED, _FLAT), new_status)
+            new_status = torch.where(blocked, _SECOND_PEAK, new_status)
+            done = new_status != _RUNNING
             status[act[done]] = new_status[done]
             steps[act[done]] = a_steps[done]
             act = act[~done]
@@ -521,7 +523,7 @@ def _initial_boxes(boxes, lim, min_size, others, valid, allowed):
     return boxes, status
 
 
-def _adam_step(cur, grad, edge, m, v, lim, t, cfg):
+def _adam_step(cur, grad, edge, m, v, lim, t, cfg, outward):
     """One Adam step in units of the box size (m, v updated in place), with the plateau
     rule, projected onto the constraints. Returns the candidate box, which coordinates
     have no gradient, which sides expand, and the (w, h, w, h) sizes."""
@@ -533,12 +535,9 @@ def _adam_step(cur, grad, edge, m, v, lim, t, cfg):
     direction = (m / (1 - cfg.beta1 ** t)) / ((v / (1 - cfg.beta2 ** t)).sqrt() + 1e-12)
     no_grad = g.abs() < cfg.flat_tol
     expand = edge >= cfg.expand_threshold
-    direction = torch.where(expand, _OUTWARD.to(cur.device), direction.masked_fill(no_grad, 0.0))
+    direction = torch.where(expand, outward, direction.masked_fill(no_grad, 0.0))
     cand = _project(cur - _step_size(cfg, t) * direction * size, lim, cfg.min_size)
     return cand, no_grad, expand, size
-
-
-_OUTWARD = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)  # descent direction
 
 
 def _step_size(cfg: CCGRConfig, t: int) -> float:
@@ -653,7 +652,8 @@ def pseudo_masks(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: 
             area = (half_w * half_h).flatten()
             rank = torch.empty_like(area)
             rank[torch.argsort(area, stable=True)] = torch.arange(len(area), dtype=area.dtype)
-            key = torch.where(inside, dist + rank[:, None, None] * 1e-9, torch.full_like(dist, math.inf))
+            key = torch.where(inside, dist + rank[:, None, None] * 1e-9,
+                              torch.full_like(dist, math.inf))
             owner = key.argmin(0)
             for k, i in enumerate(sel.tolist()):
                 out[i] = (inside[k] & (owner == k)).numpy()
