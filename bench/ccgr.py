@@ -118,7 +118,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fixed = CCGRConfig(iterations=200, tol=0.0, flat_tol=0.0)  # every box runs 200 steps
     default = CCGRConfig()
-    result = {"bench": "ccgr", "device": device, "threads": torch.get_num_threads(),
+    result = {"bench": "ccgr", "device": device, "torch_threads": torch.get_num_threads(),
+              "engine_threads": default.num_threads,
               "iterations": fixed.iterations, "images": args.images,
               "boxes_per_image": args.boxes_per_image}
     if device == "cuda":
