@@ -22,6 +22,7 @@ import time
 
 import torch
 
+import wsis_ray.ccgr as ccgr_engine
 from wsis_ray.ccgr import refine, refine_reference
 from wsis_ray.config import CCGRConfig
 
@@ -99,6 +100,10 @@ def run_size(size, args, device, fixed, default):
         "round_case_mean_iterations": round(float(rres.iterations.float().mean()), 1),
         "all_ran_200": bool((res.iterations == fixed.iterations).all()),
     }
+    pairs = torch.unique(ii * 4 + cc).numel()
+    sat_bytes = pairs * (size + 1) ** 2 * 8
+    out["sat_mib_total"] = round(sat_bytes / 2 ** 20, 1)  # float64 SATs, built in groups
+    out["sat_mib_resident"] = round(min(sat_bytes, ccgr_engine._SAT_CHUNK_BYTES) / 2 ** 20, 1)
     if device == "cuda":
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return out
@@ -126,6 +131,7 @@ def main():
         result["gpu"] = torch.cuda.get_device_name()
     for size in args.sizes:
         result[f"{size}px"] = run_size(size, args, device, fixed, default)
+    # whole process, synthetic data of both sizes included
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result))
 
