@@ -246,6 +246,7 @@ def test_load_train_dataset_dispatch(tmp_path, demo_dir, voc_root):
                              f"data.train={tmp_path / 'l.jsonl'}", f"data.classes={demo_dir / 'classes.txt'}",
                              f"data.val={demo_dir / 'val.json'}"])
     assert [r.class_ids for r in load_train_dataset(cfg.data)] == [(2,)]
+    assert all(Path(r.path).is_absolute() for r in load_train_dataset(cfg.data))
     assert len(load_eval_gt(cfg.data)) == 4
 
     cfg = load_config(None, ["data.format=jsonl"])

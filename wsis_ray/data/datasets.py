@@ -50,7 +50,7 @@ class ImageLabelDataset:
     records: list[ImageRecord]
     classes: list[str]
     category_ids: list[int]
-    _by_id: dict[int, ImageRecord] = field(default_factory=dict, repr=False, compare=False)
+    _by_id: dict[int, ImageRecord] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.classes) != len(self.category_ids):
@@ -152,7 +152,8 @@ def _validate(cands: list[_Candidate], num_classes: int, where: str, skip_invali
         if c.problems:
             bad.append(c)
             continue
-        records.append(ImageRecord(image_id=int(c.image_id), path=c.path, height=hw[0], width=hw[1],
+        # absolute, so Ray workers with another working directory find the file
+        records.append(ImageRecord(image_id=int(c.image_id), path=os.path.abspath(c.path), height=hw[0], width=hw[1],
                                    class_ids=tuple(sorted(set(c.class_ids)))))
     if bad:
         _report(bad, len(cands), where, skip_invalid, skipped_out)
@@ -383,9 +384,6 @@ def load_voc(voc_root: str | os.PathLike, image_set: str = "train",
             problems.append(f"malformed annotation {xml} ({type(e).__name__}: {e})")
         cands.append(_Candidate(name, str(voc_root / "JPEGImages" / f"{name}.jpg"), ids.get(name, None),
                                 h, w, labels, problems, {"name": name}))
-    for c in cands:
-        if c.image_id is None and not any("not found" in p for p in c.problems):
-            c.problems.append("image file not found in JPEGImages/")
     records = _validate(cands, len(names), str(list_path), skip_invalid, skipped_out)
     return ImageLabelDataset(records, names, list(range(1, len(names) + 1)))
 

@@ -200,6 +200,14 @@ def _render_image(rng: np.random.Generator, num_classes: int):
     return img, [(o["cls"], o["visible"]) for o in objects]
 
 
+def render_image(rng: np.random.Generator, num_classes: int):
+    """Like _render_image, but never an image without objects (it would have no label)."""
+    while True:
+        img, objs = _render_image(rng, num_classes)
+        if objs:
+            return img, objs
+
+
 # ---------------------------------------------------------------------------- writing
 
 def _mask_annotation(mask: np.ndarray) -> tuple[dict, list[float], int]:
@@ -213,11 +221,13 @@ def _write_split(out_dir: Path, split: str, num_images: int, first_id: int, num_
                  seed: int, names: list[str]) -> None:
     img_dir = out_dir / split
     img_dir.mkdir(parents=True, exist_ok=True)
+    for stale in img_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # from an earlier generation
+        stale.unlink()
     images, annotations = [], []
     split_key = {"train": 0, "val": 1}[split]
     for k in range(num_images):
         rng = np.random.default_rng(np.random.SeedSequence([seed, split_key, k]))
-        img, objs = _render_image(rng, num_classes)
+        img, objs = render_image(rng, num_classes)
         image_id = first_id + k
         file_name = f"{image_id:06d}.png"
         cv2.imwrite(str(img_dir / file_name), img[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
