@@ -87,6 +87,8 @@ def test_jsonl_every_bad_record_named_in_one_error(tmp_path):
                          ("line 7", "malformed line")]:
         assert any(name in ln and reason in ln for ln in msg.splitlines()), (name, reason, msg)
     assert "ok.png" not in msg.replace("ok.png (also", "")
+    line7 = [ln for ln in msg.splitlines() if "line 7" in ln][0]
+    assert "not found" not in line7 and "no image-level labels" not in line7
 
 
 def test_jsonl_skip_invalid_writes_skipped_list(tmp_path):

@@ -136,13 +136,17 @@ def _validate(cands: list[_Candidate], num_classes: int, where: str, skip_invali
             c.problems.append(f"duplicate file name (also listed as {seen_paths[key]})")
         else:
             seen_paths[key] = c.name
+        if c.path.startswith("<"):  # a line that could not be parsed: nothing more to check
+            continue
         if require_labels and not c.class_ids and not any("class" in p for p in c.problems):
             c.problems.append("no image-level labels")
         if any(not 0 <= k < num_classes for k in c.class_ids):
             c.problems.append(f"class index out of range 0..{num_classes - 1}")
     workers = min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(workers) as pool:
-        checks = list(pool.map(_check_image, [c.path for c in cands]))
+        checks = list(pool.map(_check_image, [c.path for c in cands if not c.path.startswith("<")]))
+    checks_iter = iter(checks)
+    checks = [(None, None) if c.path.startswith("<") else next(checks_iter) for c in cands]
     records, bad = [], []
     for c, (hw, err) in zip(cands, checks):
         if err:
