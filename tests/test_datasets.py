@@ -87,6 +87,8 @@ def test_jsonl_every_bad_record_named_in_one_error(tmp_path):
                          ("line 7", "malformed line")]:
         assert any(name in ln and reason in ln for ln in msg.splitlines()), (name, reason, msg)
     assert "ok.png" not in msg.replace("ok.png (also", "")
+    line7 = [ln for ln in msg.splitlines() if "line 7" in ln][0]
+    assert "not found" not in line7 and "no image-level labels" not in line7
 
 
 def test_jsonl_skip_invalid_writes_skipped_list(tmp_path):
@@ -246,6 +248,7 @@ def test_load_train_dataset_dispatch(tmp_path, demo_dir, voc_root):
                              f"data.train={tmp_path / 'l.jsonl'}", f"data.classes={demo_dir / 'classes.txt'}",
                              f"data.val={demo_dir / 'val.json'}"])
     assert [r.class_ids for r in load_train_dataset(cfg.data)] == [(2,)]
+    assert all(Path(r.path).is_absolute() for r in load_train_dataset(cfg.data))
     assert len(load_eval_gt(cfg.data)) == 4
 
     cfg = load_config(None, ["data.format=jsonl"])

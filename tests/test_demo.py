@@ -105,3 +105,17 @@ def test_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.splitlines()[0])
     assert out["images"] == 4 and (tmp_path / "d" / "meta.json").is_file()
     assert len(list((tmp_path / "d" / "train").glob("*.png"))) == 3
+
+
+def test_regenerating_smaller_removes_stale_images(tmp_path):
+    demo.generate(tmp_path, num_classes=2, num_train=6, num_val=2, seed=0)
+    demo.generate(tmp_path, num_classes=2, num_train=3, num_val=1, seed=0)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["000001.png", "000002.png", "000003.png"]
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["000004.png"]
+
+
+def test_every_image_has_an_object():
+    for k in range(50):
+        rng = np.random.default_rng(np.random.SeedSequence([0, 0, k]))
+        _, objs = demo.render_image(rng, 4)
+        assert 1 <= len(objs) <= 4

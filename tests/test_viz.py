@@ -31,3 +31,8 @@ def test_cli_with_score_file_and_peaks(tmp_path):
                                                       "ccgr_fig4.png"]
     with pytest.raises(SystemExit):
         viz.main(["ccgr", "--out", str(out), "--scores", str(tmp_path / "s.npy")])
+
+
+def test_figure_convergence(tmp_path):
+    p = viz.figure_convergence([0, 40, 80], [0.2, 0.3, 0.35], tmp_path / "fig5.png")
+    assert p.read_bytes()[:8] == PNG

@@ -33,18 +33,25 @@ kink of L (a sharp object edge).
 Flat maps and plateaus
 ----------------------
 Where S is constant over both the box and its context, Phi(B) = Phi(C) for every nearby
-box, so Eq. 3 has no gradient at all. The engine then decides by the score level:
-- if the context's outer edge still scores >= expand_threshold (the box and its context
-  lie inside one object, e.g. a small MIL box in the middle of a large object), the box
-  steps outward by lr * size on each such side until its context reaches the object's
-  boundary, where Eq. 3's gradient takes over ("plateau expansion");
-- otherwise (an all-zero map, a uniform low-score region) nothing indicates a direction:
-  the box stops where it is with stop_reason "flat" and its Eq. 3 loss (0 on a flat map).
-The same per-coordinate rule covers partial plateaus: an elongated object whose box spans
-it tightly in y but whose x-context lies inside it has dL/dx = 0 exactly; those sides step
-outward while the other coordinates follow the gradient. "No gradient" means
-|dL/dx| * size < flat_tol; a box whose gradient vanishes after it has moved (a smooth
-optimum) is "converged".
+box, so Eq. 3 has no gradient at all (and float rounding noise must not be mistaken for
+one: Adam would blow it up to full-size steps; hence float64 SATs and flat_tol). The engine
+decides by the score level, per side of the box:
+- plateau expansion: a side steps outward by lr * size when the mean of S along that side
+  of the box AND along the outer side of its context are both >= expand_threshold (0.5),
+  i.e. the box cuts through a region of its class that continues across the whole context
+  on that side (a small MIL box in the middle of a large object). It keeps stepping until
+  the context reaches the object's boundary, where Eq. 3's gradient takes over;
+- otherwise, where no coordinate has a gradient (|dL/dx| * size < flat_tol), nothing
+  indicates a direction: an all-zero map, a uniform low-score region. The box stops where
+  it is with stop_reason "flat" and its Eq. 3 loss (0 on a flat map); if it had already
+  moved (a smooth optimum) the reason is "converged".
+The same rule covers two cases where Eq. 3 alone gets stuck on real maps: partial plateaus
+(a box spanning an elongated object tightly in y while its x-context lies inside the
+object has dL/dx1 = dL/dx2 = 0 exactly), and the image border: when the context is clipped,
+a box in the corner of an object that fills most of the image has a ring with a fixed-width
+strip of background, and Eq. 3 then prefers to *shrink* the box (seen with a 300 px object
+in a 340 px image). At a real optimum the context's outer side lies on background, so the
+rule is inactive there; same-class objects that touch are kept apart by the peak rule.
 
 Constraints and stop rules (kept at every step)
 -----------------------------------------------
@@ -63,7 +70,10 @@ Constraints and stop rules (kept at every step)
 
 All boxes of all images in a call are refined together: one tensor program per iteration
 over the boxes still active; stopped boxes are dropped from the active set at once, and
-the loop ends when none is left.
+the loop ends when none is left. Cost per call: one float64 SAT per (image, class) pair
+used (calls whose SATs exceed 256 MiB run in groups of pairs), then about 140 small tensor
+ops per iteration, so throughput grows with the number of boxes per call; on CPU it runs
+single-threaded by default (cfg.num_threads). Results do not depend on the batching.
 
 Pseudo instance masks
 ---------------------
@@ -196,12 +206,14 @@ def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
     n = image_index.shape[0]
     allowed = torch.isnan(peak_xy).any(1).long() if peak_xy is not None else \
         torch.ones(n, dtype=torch.long, device=device)
-    if peaks is None or peaks[0].numel() == 0 or n == 0:
+    if peaks is not None:
+        p_img, p_cls, p_xy = (torch.as_tensor(t, device=device) for t in peaks)
+    if peaks is None or p_img.numel() == 0 or n == 0:
         return (torch.zeros(n, 0, 2, dtype=torch.float64, device=device),
                 torch.zeros(n, 0, dtype=torch.bool, device=device), allowed)
-    p_img, p_cls, p_xy = (torch.as_tensor(t, device=device) for t in peaks)
     p_xy = p_xy.to(torch.float64).reshape(-1, 2)
-    match = (image_index[:, None] == p_img[None].long()) & (class_ids[:, None] == p_cls[None].long())
+    match = (image_index[:, None] == p_img[None].long()) & \
+        (class_ids[:, None] == p_cls[None].long())
     if peak_xy is not None:
         own = (p_xy[None] - peak_xy[:, None].to(torch.float64)).abs().amax(-1) < 1e-3
         match &= ~own
@@ -210,141 +222,141 @@ def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
     return p_xy[order], torch.gather(match, 1, order), allowed
 
 
-def _project(boxes: Tensor, hw: Tensor, min_size: float) -> Tensor:
+def _project(boxes: Tensor, lim: Tensor, min_size: float) -> Tensor:
     """Onto {x1 < x2, y1 < y2, size >= min_size, inside the image} (min_size capped by the
-    image size). boxes (N,4) float64, hw (N,2) image (H, W)."""
-    lo = torch.stack([boxes[:, 0], boxes[:, 1]], 1)
-    hi = torch.stack([boxes[:, 2], boxes[:, 3]], 1)
-    lim = hw.flip(1).to(boxes.dtype)  # (W, H)
-    m = torch.clamp(lim, max=min_size)
-    lo = torch.minimum(torch.maximum(lo, torch.zeros_like(lo)), lim - m)
-    hi = torch.minimum(torch.maximum(hi, torch.zeros_like(hi)), lim)
+    image size). boxes (N,4) float64, lim (N,4) = (W, H, W, H) of each box's image."""
+    lim2 = lim[:, :2]
+    m = torch.clamp(lim2, max=min_size)
+    lo = torch.minimum(boxes[:, :2].clamp(min=0), lim2 - m)
+    hi = torch.minimum(boxes[:, 2:].clamp(min=0), lim2)
     short = hi - lo < m
-    center = torch.minimum(torch.maximum((lo + hi) / 2, m / 2), lim - m / 2)
-    lo = torch.where(short, center - m / 2, lo)
-    hi = torch.where(short, center + m / 2, hi)
-    return torch.stack([lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]], 1)
+    if bool(short.any()):
+        center = torch.minimum(torch.maximum((lo + hi) / 2, m / 2), lim2 - m / 2)
+        lo = torch.where(short, center - m / 2, lo)
+        hi = torch.where(short, center + m / 2, hi)
+    return torch.cat([lo, hi], 1)
 
 
-# --------------------------------------------------------------------------- Eq. 2-3
+_MATS: dict = {}
 
 
-def _context(boxes: Tensor, hw: Tensor, scale: float):
+def _mats(scale: float, device, dtype=torch.float64):
+    """Constant matrices that turn Eq. 2-3's per-corner algebra into a few matmuls.
+    C: B -> B~ (x~1 = a x1 + b x2, x~2 = a x2 + b x1, same in y). Corners of P = [B, B~]
+    (x1,y1,x2,y2 each) in the order TL, TR, BL, BR: xs = P[:, XI], ys = P[:, YI].
+    SUM: corner values -> box sums; D: [d/dx, d/dy at the corners] -> d sum / d sides."""
+    key = (scale, device, dtype)
+    if key not in _MATS:
+        a, b = (1 + scale) / 2, (1 - scale) / 2
+        c = torch.zeros(4, 4, dtype=dtype)
+        c[0, 0] = c[1, 1] = c[2, 2] = c[3, 3] = a
+        c[2, 0] = c[3, 1] = c[0, 2] = c[1, 3] = b
+        xi = torch.tensor([0, 2, 0, 2, 4, 6, 4, 6])
+        yi = torch.tensor([1, 1, 3, 3, 5, 5, 7, 7])
+        corner_sum = torch.zeros(8, 2, dtype=dtype)
+        d = torch.zeros(16, 8, dtype=dtype)
+        size = torch.zeros(8, 4, dtype=dtype)
+        for o in (0, 4):  # B, then B~: corner o+0 TL, o+1 TR, o+2 BL, o+3 BR
+            corner_sum[o:o + 4, o // 4] = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype)
+            d[o + 0, o + 0], d[o + 2, o + 0] = 1, -1            # x1: dx_TL - dx_BL
+            d[o + 3, o + 2], d[o + 1, o + 2] = 1, -1            # x2: dx_BR - dx_TR
+            d[8 + o + 0, o + 1], d[8 + o + 1, o + 1] = 1, -1    # y1: dy_TL - dy_TR
+            d[8 + o + 3, o + 3], d[8 + o + 2, o + 3] = 1, -1    # y2: dy_BR - dy_BL
+            size[o + 0, o // 2], size[o + 2, o // 2] = -1, 1    # w = x2 - x1
+            size[o + 1, o // 2 + 1], size[o + 3, o // 2 + 1] = -1, 1  # h = y2 - y1
+        _MATS[key] = dict(
+            C=c.to(device), CT=c.t().contiguous().to(device), XI=xi.to(device),
+            YI=yi.to(device), SUM=corner_sum.to(device), D=d.to(device), SIZE=size.to(device),
+            SIGN=torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=dtype, device=device),
+            HW=torch.tensor([1, 0, 1, 0], device=device),
+            OUT=torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device))  # outward step
+    return _MATS[key]
+
+
+def _context(boxes: Tensor, lim: Tensor, mats):
     """Context box B~ (same center, `scale` x size) clipped to the image, and which of its
-    sides are not clipped (those carry gradient)."""
-    a, b = (1 + scale) / 2, (1 - scale) / 2
-    x1, y1, x2, y2 = boxes.unbind(1)
-    raw = torch.stack([a * x1 + b * x2, a * y1 + b * y2, a * x2 + b * x1, a * y2 + b * y1], 1)
-    lim = hw.flip(1).to(boxes.dtype)
-    zero = torch.zeros_like(raw[:, :2])
-    free = torch.cat([raw[:, :2] > zero, raw[:, 2:] < lim], 1)
-    ctx = torch.cat([torch.maximum(raw[:, :2], zero), torch.minimum(raw[:, 2:], lim)], 1)
+    sides are not clipped (only those carry gradient)."""
+    raw = boxes @ mats["C"]
+    free = torch.cat([raw[:, :2] > 0, raw[:, 2:] < lim[:, 2:]], 1)
+    ctx = torch.cat([raw[:, :2].clamp(min=0), torch.minimum(raw[:, 2:], lim[:, 2:])], 1)
     return ctx, free
 
 
 def context_box(box: Sequence[float], height: int, width: int, scale: float = 1.5) -> list[float]:
     """The context box B~ of a box: same center, `scale` x width and height, clipped."""
     b = torch.tensor([list(map(float, box))], dtype=torch.float64)
-    ctx, _ = _context(b, torch.tensor([[height, width]]), scale)
-    return ctx[0].tolist()
+    lim = torch.tensor([[width, height, width, height]], dtype=torch.float64)
+    return _context(b, lim, _mats(scale, b.device))[0][0].tolist()
 
 
-def _corner_points(boxes: Tensor, ctx: Tensor):
-    """The 8 corners, ordered TL, TR, BL, BR of B then of B~: xs, ys (N,8)."""
-    xs = torch.stack([boxes[:, 0], boxes[:, 2], boxes[:, 0], boxes[:, 2],
-                      ctx[:, 0], ctx[:, 2], ctx[:, 0], ctx[:, 2]], 1)
-    ys = torch.stack([boxes[:, 1], boxes[:, 1], boxes[:, 3], boxes[:, 3],
-                      ctx[:, 1], ctx[:, 1], ctx[:, 3], ctx[:, 3]], 1)
-    return xs, ys
+def _corner_values(sat_flat, base, lim, width1, boxes, ctx, mats):
+    """Bilinearly interpolated SAT at the 8 corners of B and B~ (exactly the integral of the
+    pixel-constant map up to that point) and its x/y derivatives there, each (N,8)."""
+    pts = torch.cat([boxes, ctx], 1)
+    xs, ys = pts.index_select(1, mats["XI"]), pts.index_select(1, mats["YI"])
+    i = torch.minimum(xs.floor(), lim[:, 0:1] - 1).clamp_(min=0)
+    j = torch.minimum(ys.floor(), lim[:, 1:2] - 1).clamp_(min=0)
+    idx = (base + j.long() * width1 + i.long()).unsqueeze(-1)
+    idx = idx + torch.tensor([0, 1, width1, width1 + 1], device=idx.device)
+    c = sat_flat.index_select(0, idx.flatten()).view(idx.shape)  # (N,8,4): I00 I10 I01 I11
+    fx, fy = xs - i, ys - j
+    i00, i10, i01, i11 = c.unbind(-1)
+    d10, d01 = i10 - i00, i01 - i00
+    cross = i11 - i10 - d01
+    dx = d10 + fy * cross
+    val = i00 + fy * d01 + fx * dx
+    dy = d01 + fx * cross
+    return val, dx, dy
 
 
-def _sat_lookup(sat_flat, base, hw, width1, xs, ys):
-    """SAT values at the 4 grid points around each (x, y) and the fractional offsets."""
-    i = torch.minimum(xs.floor(), (hw[:, 1:2] - 1).to(xs.dtype)).clamp(min=0)
-    j = torch.minimum(ys.floor(), (hw[:, 0:1] - 1).to(ys.dtype)).clamp(min=0)
-    idx = base[:, None] + j.long() * width1 + i.long()
-    idx = torch.stack([idx, idx + 1, idx + width1, idx + width1 + 1], -1)
-    corners = sat_flat[idx]  # (N,8,4): I00, I10, I01, I11
-    return corners, xs - i, ys - j
-
-
-def _eq3_analytic(sat_flat, base, hw, width1, boxes, scale):
+def _eq3_analytic(sat_flat, base, lim, width1, boxes, mats):
     """L (Eq. 3), dL/d(x1,y1,x2,y2) in closed form, and per side (N,4) the smaller of the
     mean scores along the box's edge and along the context's outer edge (plateau rule)."""
-    ctx, free = _context(boxes, hw, scale)
-    xs, ys = _corner_points(boxes, ctx)
-    c, fx, fy = _sat_lookup(sat_flat, base, hw, width1, xs, ys)
-    i00, i10, i01, i11 = c.unbind(-1)
-    cross = i11 - i10 - i01 + i00
-    val = i00 + fx * (i10 - i00) + fy * (i01 - i00) + fx * fy * cross
-    dx = (i10 - i00) + fy * cross
-    dy = (i01 - i00) + fx * cross
-
-    def box_sum(o):  # o = 0 for B, 4 for B~; returns sum and d sum / d(x1, y1, x2, y2)
-        tl, tr, bl, br = o, o + 1, o + 2, o + 3
-        s = val[:, br] - val[:, bl] - val[:, tr] + val[:, tl]
-        ds = torch.stack([dx[:, tl] - dx[:, bl], dy[:, tl] - dy[:, tr],
-                          dx[:, br] - dx[:, tr], dy[:, br] - dy[:, bl]], 1)
-        return s, ds
-
-    fb, dfb = box_sum(0)
-    ft, dft = box_sum(4)
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    wt, ht = ctx[:, 2] - ctx[:, 0], ctx[:, 3] - ctx[:, 1]
-    ab, at = w * h, wt * ht
-    dab = torch.stack([-h, -w, h, w], 1)
-    dat = torch.stack([-ht, -wt, ht, wt], 1)
-    # mean S along each side of B and along the outer side of B~ (d sum / d side = line sum)
-    edge = torch.minimum(
-        torch.stack([-dfb[:, 0] / h, -dfb[:, 1] / w, dfb[:, 2] / h, dfb[:, 3] / w], 1),
-        torch.stack([-dft[:, 0] / ht, -dft[:, 1] / wt, dft[:, 2] / ht, dft[:, 3] / wt], 1))
-    # chain rule through B~(B): x~1 = a x1 + b x2, x~2 = a x2 + b x1 (zero where clipped)
-    a, b = (1 + scale) / 2, (1 - scale) / 2
-    freef = free.to(boxes.dtype)
-
-    def through_ctx(d):
-        d = d * freef
-        return torch.stack([a * d[:, 0] + b * d[:, 2], a * d[:, 1] + b * d[:, 3],
-                            b * d[:, 0] + a * d[:, 2], b * d[:, 1] + a * d[:, 3]], 1)
-
+    ctx, free = _context(boxes, lim, mats)
+    val, dx, dy = _corner_values(sat_flat, base, lim, width1, boxes, ctx, mats)
+    sums = val @ mats["SUM"]                        # (N,2): sum over B, over B~
+    dsum = torch.cat([dx, dy], 1) @ mats["D"]       # (N,8): d sum_B / dB, d sum_B~ / dB~
+    size = torch.cat([boxes, ctx], 1) @ mats["SIZE"]  # (N,4): w, h, w~, h~
+    sign = mats["SIGN"]
+    across = size.index_select(1, mats["HW"])      # h, w, h, w: edge lengths
+    across_t = size[:, 2:].index_select(1, mats["HW"])
+    dab, dat = sign * across, sign * across_t       # d area / d sides
+    # mean S along each side (d sum / d side = +-line integral)
+    edge = torch.minimum(sign * dsum[:, :4] / across, sign * dsum[:, 4:] / across_t)
+    # chain rule through B~(B), zero where B~ is clipped
+    through = (torch.stack([dsum[:, 4:], dat], 1) * free.unsqueeze(1)) @ mats["CT"]
+    fb, ft = sums[:, 0], sums[:, 1]
+    ab, at = size[:, 0] * size[:, 1], size[:, 2] * size[:, 3]
     num, den = ft - fb, at - ab
-    dnum = through_ctx(dft) - dfb
-    dden = through_ctx(dat) - dab
+    dnum, dden = through[:, 0] - dsum[:, :4], through[:, 1] - dab
     has_ring = den > 1e-9
-    den_s = torch.where(has_ring, den, torch.ones_like(den))
-    phi_c = torch.where(has_ring, num / den_s, torch.zeros_like(num))
-    dphi_c = (dnum * den_s[:, None] - num[:, None] * dden) / (den_s ** 2)[:, None]
-    dphi_c = dphi_c * has_ring[:, None].to(boxes.dtype)
-    phi_b = fb / ab
-    dphi_b = (dfb * ab[:, None] - fb[:, None] * dab) / (ab ** 2)[:, None]
-    return phi_c - phi_b, dphi_c - dphi_b, edge
+    den = torch.where(has_ring, den, 1.0)
+    num = num * has_ring
+    dphi_c = (dnum * den[:, None] - num[:, None] * dden) / (den * den)[:, None] * has_ring[:, None]
+    dphi_b = (dsum[:, :4] * ab[:, None] - fb[:, None] * dab) / (ab * ab)[:, None]
+    return num / den - fb / ab, dphi_c - dphi_b, edge
 
 
-def _eq3_forward(sat_flat, base, hw, width1, boxes, scale):
+def _eq3_forward(sat_flat, base, lim, width1, boxes, mats):
     """L (Eq. 3) by plain differentiable tensor ops (for autograd), same maths as above."""
-    ctx, _ = _context(boxes, hw, scale)
-    xs, ys = _corner_points(boxes, ctx)
-    c, fx, fy = _sat_lookup(sat_flat, base, hw, width1, xs, ys)
-    i00, i10, i01, i11 = c.unbind(-1)
-    val = i00 + fx * (i10 - i00) + fy * (i01 - i00) + fx * fy * (i11 - i10 - i01 + i00)
-    fb = val[:, 3] - val[:, 2] - val[:, 1] + val[:, 0]
-    ft = val[:, 7] - val[:, 6] - val[:, 5] + val[:, 4]
-    ab = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    at = (ctx[:, 2] - ctx[:, 0]) * (ctx[:, 3] - ctx[:, 1])
+    ctx, _ = _context(boxes, lim, mats)
+    val, _, _ = _corner_values(sat_flat, base, lim, width1, boxes, ctx, mats)
+    sums = val @ mats["SUM"]
+    size = torch.cat([boxes, ctx], 1) @ mats["SIZE"]
+    ab, at = size[:, 0] * size[:, 1], size[:, 2] * size[:, 3]
     den = at - ab
     has_ring = den > 1e-9
-    phi_c = torch.where(has_ring, (ft - fb) / torch.where(has_ring, den, torch.ones_like(den)),
-                        torch.zeros_like(den))
-    return phi_c - fb / ab
+    phi_c = torch.where(has_ring, (sums[:, 1] - sums[:, 0]) / torch.where(has_ring, den, 1.0), 0.0)
+    return phi_c - sums[:, 0] / ab
 
 
-def _eq3_autograd(sat_flat, base, hw, width1, boxes, scale):
+def _eq3_autograd(sat_flat, base, lim, width1, boxes, mats):
     """L and its gradient by autograd; edge means in closed form (not differentiated)."""
     with torch.enable_grad():
         x = boxes.detach().clone().requires_grad_(True)
-        loss = _eq3_forward(sat_flat, base, hw, width1, x, scale)
+        loss = _eq3_forward(sat_flat, base, lim, width1, x, mats)
         (grad,) = torch.autograd.grad(loss.sum(), x)
-    edge = _eq3_analytic(sat_flat, base, hw, width1, boxes, scale)[2]
+    edge = _eq3_analytic(sat_flat, base, lim, width1, boxes, mats)[2]
     return loss.detach(), grad, edge
 
 
@@ -367,65 +379,104 @@ def refine(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tensor
     record_every / record_at: keep the boxes at iterations 0, k, 2k, ... / at the given
         iterations (0 = start) in result.trajectory, e.g. for mAP^b vs iteration (Fig. 5).
     gradient: "analytic" (closed form) or "autograd" (same maths, for tests/baselines).
+    On CPU it runs with cfg.num_threads torch threads (restored afterwards).
     """
     cfg = cfg or CCGRConfig()
     maps, sizes = _stack_scores(scores, image_sizes)
     dev = maps.device
     boxes = torch.as_tensor(boxes, device=dev).reshape(-1, 4).to(torch.float64)
-    n = boxes.shape[0]
     image_index = torch.as_tensor(image_index, device=dev).long().reshape(-1)
     class_ids = torch.as_tensor(class_ids, device=dev).long().reshape(-1)
     if peak_xy is not None:
         peak_xy = torch.as_tensor(peak_xy, device=dev).to(torch.float64).reshape(-1, 2)
     _check_boxes(boxes, image_index, class_ids, peak_xy, maps)
     rec = _record_iterations(cfg.iterations, record_every, record_at)
+    before = torch.get_num_threads()
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        chunks = _sat_chunks(image_index, class_ids, maps.shape)
+        if len(chunks) == 1:
+            return _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg,
+                           rec, gradient)
+        parts = [_refine(maps, sizes, boxes[k], image_index[k], class_ids[k],
+                         None if peak_xy is None else peak_xy[k], peaks, cfg, rec, gradient)
+                 for k in chunks]
+        return _merge(parts, chunks, boxes.shape[0], rec)
+    finally:
+        torch.set_num_threads(before)
+
+
+_SAT_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def _sat_chunks(image_index, class_ids, shape) -> list[Tensor]:
+    """Box indices in groups whose summed-area tables fit in _SAT_CHUNK_BYTES (all boxes of
+    one (image, class) pair in the same group), so memory stays bounded for big calls."""
+    n_cls, h, w = shape[1] - 1, shape[2], shape[3]
+    per_chunk = max(1, _SAT_CHUNK_BYTES // ((h + 1) * (w + 1) * 8))
+    _, rank = torch.unique(image_index * n_cls + class_ids, return_inverse=True)
+    chunk = rank // per_chunk
+    if image_index.numel() == 0 or int(chunk.max()) == 0:
+        return [torch.arange(image_index.numel(), device=image_index.device)]
+    return [torch.nonzero(chunk == k).flatten() for k in range(int(chunk.max()) + 1)]
+
+
+def _merge(parts: list[RefineResult], chunks: list[Tensor], n: int, rec) -> RefineResult:
+    boxes, loss = torch.zeros(n, 4), torch.zeros(n)
+    iterations = torch.zeros(n, dtype=torch.long)
+    reasons = [""] * n
+    traj = torch.zeros(len(rec), n, 4) if rec else None
+    for part, k in zip(parts, chunks):
+        k = k.cpu()
+        boxes[k], loss[k], iterations[k] = part.boxes.cpu(), part.loss.cpu(), part.iterations.cpu()
+        for i, r in zip(k.tolist(), part.stop_reason):
+            reasons[i] = r
+        if rec:
+            traj[:, k] = part.trajectory.cpu()
+    dev = parts[0].boxes.device
+    return RefineResult(boxes.to(dev), loss.to(dev), iterations.to(dev), reasons,
+                        None if traj is None else traj.to(dev), rec)
+
+
+def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec,
+            gradient) -> RefineResult:
+    """The engine for boxes whose SATs fit in memory at once (see refine)."""
+    dev = maps.device
+    n = boxes.shape[0]
     if n == 0:
-        empty = torch.zeros(0, 4)
-        return RefineResult(empty, torch.zeros(0), torch.zeros(0, dtype=torch.long), [],
-                            torch.zeros(len(rec), 0, 4) if rec else None, rec)
+        empty = torch.zeros(0, 4, device=dev)
+        return RefineResult(empty, torch.zeros(0, device=dev),
+                            torch.zeros(0, dtype=torch.long, device=dev), [],
+                            torch.zeros(len(rec), 0, 4, device=dev) if rec else None, rec)
     eq3 = {"analytic": _eq3_analytic, "autograd": _eq3_autograd}[gradient]
 
-    hw = sizes.to(dev)[image_index]
+    lim = sizes.to(dev)[image_index].flip(1).repeat(1, 2).to(torch.float64)  # (W, H, W, H)
+    mats = _mats(cfg.context_scale, dev)
     sat, row = _summed_area_tables(maps, image_index, class_ids)
     width1 = sat.shape[2]
     sat_flat = sat.reshape(-1)
-    base = row * sat.shape[1] * width1
+    base = (row * sat.shape[1] * width1)[:, None]
     others, valid, allowed = _other_peaks(image_index, class_ids, peak_xy, peaks, dev)
 
-    boxes = torch.stack([torch.minimum(boxes[:, 0], boxes[:, 2]), torch.minimum(boxes[:, 1], boxes[:, 3]),
-                         torch.maximum(boxes[:, 0], boxes[:, 2]), torch.maximum(boxes[:, 1], boxes[:, 3])], 1)
-    lim = hw.flip(1).to(boxes.dtype)
-    outside = ((boxes[:, :2] >= lim) | (boxes[:, 2:] <= 0)).any(1)
-    boxes = _project(boxes, hw, cfg.min_size)
-    status = torch.full((n,), _RUNNING, dtype=torch.long, device=dev)
-    status[outside] = _DEGENERATE
-    status[(status == _RUNNING) & _too_many_peaks(boxes, others, valid, allowed)] = _SECOND_PEAK
+    boxes, status = _initial_boxes(boxes, lim, cfg.min_size, others, valid, allowed)
     steps = torch.zeros(n, dtype=torch.long, device=dev)
 
     traj = [boxes.clone()] if 0 in rec else []
-    # state of the active boxes only, compacted whenever some stop
+    rec_set = set(rec)
+    # per-box state of the still active boxes only, compacted whenever some stop
     act = torch.nonzero(status == _RUNNING).flatten()
-    cur, a_hw, a_base = boxes[act], hw[act], base[act]
-    a_others, a_valid, a_allowed = others[act], valid[act], allowed[act]
-    m = torch.zeros_like(cur)
-    v = torch.zeros_like(cur)
-    still = torch.zeros(act.numel(), dtype=torch.long, device=dev)
-    a_steps = torch.zeros_like(still)
-    outward = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64, device=dev)
+    state = [boxes[act], lim[act], base[act], others[act], valid[act], allowed[act],
+             torch.zeros(act.numel(), 4, dtype=torch.float64, device=dev),  # Adam m
+             torch.zeros(act.numel(), 4, dtype=torch.float64, device=dev),  # Adam v
+             torch.zeros(act.numel(), dtype=torch.long, device=dev),        # still count
+             torch.zeros(act.numel(), dtype=torch.long, device=dev)]        # steps taken
     for t in range(1, cfg.iterations + 1):
         if act.numel() == 0:
             break
-        _, grad, edge = eq3(sat_flat, a_base, a_hw, width1, cur, cfg.context_scale)
-        size = (cur[:, 2:] - cur[:, :2]).repeat(1, 2)
-        g = grad * size  # dimensionless: Adam's steps come out in units of the box size
-        m.mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
-        v.mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
-        direction = (m / (1 - cfg.beta1 ** t)) / ((v / (1 - cfg.beta2 ** t)).sqrt() + 1e-12)
-        no_grad = g.abs() < cfg.flat_tol
-        expand = edge >= cfg.expand_threshold
-        direction = torch.where(expand, -outward, direction.masked_fill(no_grad, 0.0))
-        cand = _project(cur - _step_size(cfg, t) * direction * size, a_hw, cfg.min_size)
-
+        cur, a_lim, a_base, a_others, a_valid, a_allowed, m, v, still, a_steps = state
+        _, grad, edge = eq3(sat_flat, a_base, a_lim, width1, cur, mats)
+        cand, no_grad, expand, size = _adam_step(cur, grad, edge, m, v, a_lim, t, cfg, mats["OUT"])
         blocked = _too_many_peaks(cand, a_others, a_valid, a_allowed)
         flat = no_grad.all(1) & ~expand.any(1)
         moved = ((cand - cur).abs() / size).amax(1)
@@ -433,30 +484,60 @@ def refine(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tensor
         take = ~(blocked | flat)
         cur = torch.where(take[:, None], cand, cur)
         a_steps += take
-        new_status = torch.where(still >= cfg.patience, _CONVERGED, _RUNNING)
-        new_status = torch.where(flat, torch.where(a_steps > 0, _CONVERGED, _FLAT), new_status)
-        new_status = torch.where(blocked, _SECOND_PEAK, new_status)
-        if t == cfg.iterations:
-            new_status = torch.where(new_status == _RUNNING, _MAX_ITER, new_status)
-        done = new_status != _RUNNING
-        if t in rec or bool(done.any()):
+        state[0], state[8] = cur, still
+        done = blocked | flat | (still >= cfg.patience)
+        any_done = t == cfg.iterations or bool(done.any())
+        if any_done or t in rec_set:
             boxes[act] = cur
-        if t in rec:
+        if t in rec_set:
             traj.append(boxes.clone())
-        if bool(done.any()):
+        if any_done:  # rare: name the reasons only then
+            last = _MAX_ITER if t == cfg.iterations else _RUNNING
+            new_status = torch.where(still >= cfg.patience, _CONVERGED, last)
+            new_status = torch.where(flat, torch.where(a_steps > 0, _CONVERGED, _FLAT), new_status)
+            new_status = torch.where(blocked, _SECOND_PEAK, new_status)
+            done = new_status != _RUNNING
             status[act[done]] = new_status[done]
             steps[act[done]] = a_steps[done]
-            keep = ~done
-            act, cur, a_hw, a_base = act[keep], cur[keep], a_hw[keep], a_base[keep]
-            a_others, a_valid, a_allowed = a_others[keep], a_valid[keep], a_allowed[keep]
-            m, v, still, a_steps = m[keep], v[keep], still[keep], a_steps[keep]
+            act = act[~done]
+            state = [x[~done] for x in state]
     while len(traj) < len(rec):  # the loop ended early: all boxes keep their final box
         traj.append(boxes.clone())
+    status[status == _RUNNING] = _MAX_ITER  # only with iterations == 0
 
-    loss = _eq3_analytic(sat_flat, base, hw, width1, boxes, cfg.context_scale)[0]
+    loss = _eq3_analytic(sat_flat, base, lim, width1, boxes, mats)[0]
     reasons = [STOP_REASONS[int(s)] for s in status.tolist()]
     return RefineResult(boxes.float(), loss.float(), steps, reasons,
                         torch.stack(traj).float() if rec else None, rec)
+
+
+def _initial_boxes(boxes, lim, min_size, others, valid, allowed):
+    """Swap inverted coordinates, mark boxes outside their image "degenerate" and boxes that
+    already hold a second peak "second_peak", project all onto the constraints."""
+    lo, hi = torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])
+    outside = ((lo >= lim[:, :2]) | (hi <= 0)).any(1)
+    boxes = _project(torch.cat([lo, hi], 1), lim, min_size)
+    status = torch.full((boxes.shape[0],), _RUNNING, dtype=torch.long, device=boxes.device)
+    status[outside] = _DEGENERATE
+    status[(status == _RUNNING) & _too_many_peaks(boxes, others, valid, allowed)] = _SECOND_PEAK
+    return boxes, status
+
+
+def _adam_step(cur, grad, edge, m, v, lim, t, cfg, outward):
+    """One Adam step in units of the box size (m, v updated in place), with the plateau
+    rule, projected onto the constraints. Returns the candidate box, which coordinates
+    have no gradient, which sides expand, and the (w, h, w, h) sizes."""
+    size = cur[:, 2:] - cur[:, :2]
+    size = torch.cat([size, size], 1)
+    g = grad * size  # dimensionless: Adam's steps come out in units of the box size
+    m.mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
+    v.mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
+    direction = (m / (1 - cfg.beta1 ** t)) / ((v / (1 - cfg.beta2 ** t)).sqrt() + 1e-12)
+    no_grad = g.abs() < cfg.flat_tol
+    expand = edge >= cfg.expand_threshold
+    direction = torch.where(expand, outward, direction.masked_fill(no_grad, 0.0))
+    cand = _project(cur - _step_size(cfg, t) * direction * size, lim, cfg.min_size)
+    return cand, no_grad, expand, size
 
 
 def _step_size(cfg: CCGRConfig, t: int) -> float:
@@ -512,8 +593,9 @@ def eq3_loss(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tens
     image_index = torch.as_tensor(image_index).long().reshape(-1)
     class_ids = torch.as_tensor(class_ids).long().reshape(-1)
     sat, row = _summed_area_tables(maps, image_index, class_ids)
-    loss, grad, _ = _eq3_analytic(sat.reshape(-1), row * sat.shape[1] * sat.shape[2],
-                                  sizes[image_index], sat.shape[2], boxes, context_scale)
+    lim = sizes[image_index].flip(1).repeat(1, 2).to(torch.float64)
+    loss, grad, _ = _eq3_analytic(sat.reshape(-1), (row * sat.shape[1] * sat.shape[2])[:, None],
+                                  lim, sat.shape[2], boxes, _mats(context_scale, boxes.device))
     return (loss, grad) if with_grad else loss
 
 
@@ -570,7 +652,8 @@ def pseudo_masks(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: 
             area = (half_w * half_h).flatten()
             rank = torch.empty_like(area)
             rank[torch.argsort(area, stable=True)] = torch.arange(len(area), dtype=area.dtype)
-            key = torch.where(inside, dist + rank[:, None, None] * 1e-9, torch.full_like(dist, math.inf))
+            key = torch.where(inside, dist + rank[:, None, None] * 1e-9,
+                              torch.full_like(dist, math.inf))
             owner = key.argmin(0)
             for k, i in enumerate(sel.tolist()):
                 out[i] = (inside[k] & (owner == k)).numpy()

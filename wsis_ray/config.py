@@ -164,10 +164,13 @@ class CCGRConfig:
     tol/patience: a box whose every coordinate moves less than tol x its size for
       `patience` consecutive iterations is "converged" and drops out.
     flat_tol: |dL/dcoord| x size below this counts as no gradient (flat map).
-    expand_threshold: where a coordinate has no gradient and the context's outer edge on
-      that side still scores >= this, the side steps outward (plateau expansion).
+    expand_threshold: a side steps outward while the mean score along it and along the
+      context's outer side are both >= this (plateau expansion; see ccgr.py).
     mask_threshold: a pixel of a refined box joins the pseudo mask where its class wins the
       argmax or scores >= this.
+    num_threads: refine() runs with this many torch threads on CPU (restored afterwards):
+      its per-iteration tensors are small, and on a busy machine a second thread costs far
+      more in synchronisation than it gains (bench/ccgr.py: 2 threads ~28x slower there).
     """
     enabled: bool = True
     iterations: int = 200
@@ -183,6 +186,7 @@ class CCGRConfig:
     expand_threshold: float = 0.5
     mask_threshold: float = 0.4
     batch_images: int = 8
+    num_threads: int = 1  # torch intra-op threads while refining on CPU (0: leave as is)
 
 
 @dataclass

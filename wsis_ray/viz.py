@@ -6,6 +6,8 @@
 - `figure_context` (Fig. 3): rows before/after; (a) score map with box and dotted context,
   (b) the scores inside the context ring only, (c) the scores inside the box only.
 - `figure_trajectory` (Fig. 4): the box at chosen CCGR iterations (default 0/40/.../200).
+- `figure_convergence` (Fig. 5): pseudo-box quality (mAP^b) against the CCGR iteration,
+  from boxes recorded with `refine(..., record_every=k)`.
 - `ccgr_pictures` refines one box and writes all three; the round job's report and the
   README use it. Command line:
 
@@ -105,6 +107,18 @@ def figure_trajectory(image: np.ndarray | None, score: np.ndarray, trajectory,
         _show(ax, overlay, f"iteration {it}")
         _rect(ax, trajectory[0], BEFORE, width=1.2)
         _rect(ax, box, AFTER)
+    return _save(fig, path, title)
+
+
+def figure_convergence(iterations: Sequence[int], values: Sequence[float], path,
+                       ylabel: str = "pseudo-box mAP$^b_{0.5}$", title: str = "") -> Path:
+    """Figure 5 analog: a quality measure of the pseudo boxes (e.g. mAP^b at 0.5 of the
+    boxes in RefineResult.trajectory against ground truth) per CCGR iteration."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(list(iterations), list(values), marker="o", color=AFTER)
+    ax.set_xlabel("CCGR iteration")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
     return _save(fig, path, title)
 
 

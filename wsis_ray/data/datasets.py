@@ -50,7 +50,7 @@ class ImageLabelDataset:
     records: list[ImageRecord]
     classes: list[str]
     category_ids: list[int]
-    _by_id: dict[int, ImageRecord] = field(default_factory=dict, repr=False, compare=False)
+    _by_id: dict[int, ImageRecord] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.classes) != len(self.category_ids):
@@ -136,13 +136,17 @@ def _validate(cands: list[_Candidate], num_classes: int, where: str, skip_invali
             c.problems.append(f"duplicate file name (also listed as {seen_paths[key]})")
         else:
             seen_paths[key] = c.name
+        if c.path.startswith("<"):  # a line that could not be parsed: nothing more to check
+            continue
         if require_labels and not c.class_ids and not any("class" in p for p in c.problems):
             c.problems.append("no image-level labels")
         if any(not 0 <= k < num_classes for k in c.class_ids):
             c.problems.append(f"class index out of range 0..{num_classes - 1}")
     workers = min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(workers) as pool:
-        checks = list(pool.map(_check_image, [c.path for c in cands]))
+        checks = list(pool.map(_check_image, [c.path for c in cands if not c.path.startswith("<")]))
+    checks_iter = iter(checks)
+    checks = [(None, None) if c.path.startswith("<") else next(checks_iter) for c in cands]
     records, bad = [], []
     for c, (hw, err) in zip(cands, checks):
         if err:
@@ -152,7 +156,8 @@ def _validate(cands: list[_Candidate], num_classes: int, where: str, skip_invali
         if c.problems:
             bad.append(c)
             continue
-        records.append(ImageRecord(image_id=int(c.image_id), path=c.path, height=hw[0], width=hw[1],
+        # absolute, so Ray workers with another working directory find the file
+        records.append(ImageRecord(image_id=int(c.image_id), path=os.path.abspath(c.path), height=hw[0], width=hw[1],
                                    class_ids=tuple(sorted(set(c.class_ids)))))
     if bad:
         _report(bad, len(cands), where, skip_invalid, skipped_out)
@@ -383,9 +388,6 @@ def load_voc(voc_root: str | os.PathLike, image_set: str = "train",
             problems.append(f"malformed annotation {xml} ({type(e).__name__}: {e})")
         cands.append(_Candidate(name, str(voc_root / "JPEGImages" / f"{name}.jpg"), ids.get(name, None),
                                 h, w, labels, problems, {"name": name}))
-    for c in cands:
-        if c.image_id is None and not any("not found" in p for p in c.problems):
-            c.problems.append("image file not found in JPEGImages/")
     records = _validate(cands, len(names), str(list_path), skip_invalid, skipped_out)
     return ImageLabelDataset(records, names, list(range(1, len(names) + 1)))
 

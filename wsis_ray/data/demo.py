@@ -43,7 +43,7 @@ MARK_COLOURS = (
 MAX_CLASSES = 42
 IMAGE_SIZE_RANGE = (128, 192)
 OBJECT_SIZE_RANGE = (20, 90)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -60,6 +60,18 @@ def _random_body_colour(rng: np.random.Generator) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
 
 
+_MARK_RGB = np.array([c for _, c in MARK_COLOURS], np.float32)
+
+
+def _random_clutter_colour(rng: np.random.Generator) -> np.ndarray:
+    """Any colour but the class-mark colours: the extent of an object is meant to be hard
+    to find, not its class (the paper's setting: the discriminative part is easy)."""
+    while True:
+        c = rng.uniform(0, 255, 3).astype(np.float32)
+        if np.abs(_MARK_RGB - c).max(1).min() > 70:
+            return c
+
+
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int, channels: int) -> np.ndarray:
     small = rng.random((cells, cells, channels)).astype(np.float32)
     out = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
@@ -71,7 +83,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     img = base + (_smooth_noise(rng, h, w, int(rng.integers(3, 7)), 3) - 0.5) * 120
     img += rng.normal(0, 8, (h, w, 3)).astype(np.float32)
     for _ in range(int(rng.integers(6, 16))):
-        colour = _random_body_colour(rng) if rng.random() < 0.6 else rng.uniform(0, 255, 3)
+        colour = _random_body_colour(rng) if rng.random() < 0.6 else _random_clutter_colour(rng)
         colour = tuple(float(c) for c in colour)
         kind = rng.integers(0, 3)
         if kind == 0:  # thick line
@@ -200,6 +212,14 @@ def _render_image(rng: np.random.Generator, num_classes: int):
     return img, [(o["cls"], o["visible"]) for o in objects]
 
 
+def render_image(rng: np.random.Generator, num_classes: int):
+    """Like _render_image, but never an image without objects (it would have no label)."""
+    while True:
+        img, objs = _render_image(rng, num_classes)
+        if objs:
+            return img, objs
+
+
 # ---------------------------------------------------------------------------- writing
 
 def _mask_annotation(mask: np.ndarray) -> tuple[dict, list[float], int]:
@@ -213,11 +233,13 @@ def _write_split(out_dir: Path, split: str, num_images: int, first_id: int, num_
                  seed: int, names: list[str]) -> None:
     img_dir = out_dir / split
     img_dir.mkdir(parents=True, exist_ok=True)
+    for stale in img_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # from an earlier generation
+        stale.unlink()
     images, annotations = [], []
     split_key = {"train": 0, "val": 1}[split]
     for k in range(num_images):
         rng = np.random.default_rng(np.random.SeedSequence([seed, split_key, k]))
-        img, objs = _render_image(rng, num_classes)
+        img, objs = render_image(rng, num_classes)
         image_id = first_id + k
         file_name = f"{image_id:06d}.png"
         cv2.imwrite(str(img_dir / file_name), img[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])

@@ -179,7 +179,7 @@ def _voc_boxes(xml: Path, inst: list[int], cls: list[int], names: list[str], mas
     boxes = masks_to_boxes(np.stack(masks)) if masks else np.zeros((0, 4))
     try:
         _, _, objs = _parse_voc_xml(xml)
-    except (OSError, Exception):
+    except (OSError, ValueError, TypeError, AttributeError, SyntaxError):  # ET.ParseError is a SyntaxError
         return boxes
     for k, (v, c) in enumerate(zip(inst, cls)):
         if v - 1 < len(objs) and objs[v - 1]["name"] == names[c] and objs[v - 1]["box"]:
