@@ -186,6 +186,7 @@ class CCGRConfig:
     expand_threshold: float = 0.5
     mask_threshold: float = 0.4
     batch_images: int = 8
+    record_every: int = 40  # keep the boxes every k iterations (Fig. 5 curve, Fig. 4 pictures)
     num_threads: int = 1  # torch intra-op threads while refining on CPU (0: leave as is)
 
 

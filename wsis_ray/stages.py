@@ -148,14 +148,16 @@ def refine_batch(batch: dict[str, np.ndarray], cfg: CCGRConfig, round_index: int
             peak_xy=torch.from_numpy(np.stack(own_peak)),
             peaks=(torch.tensor(pk_img, dtype=torch.long), torch.tensor(pk_cls, dtype=torch.long),
                    torch.tensor(pk_xy, dtype=torch.float64).reshape(-1, 2)),
-            cfg=cfg)
+            cfg=cfg, record_every=cfg.record_every or None)
         after, loss, iters, reasons = (result.boxes, result.loss.tolist(),
                                        result.iterations.tolist(), result.stop_reason)
+        traj = result.trajectory
     else:
         after = before
         loss = ccgr.eq3_loss(maps, _clip(before, maps, img_idx), image_index, class_ids,
                              cfg.context_scale).tolist()
         iters, reasons = [0] * len(boxes), ["disabled"] * len(boxes)
+        traj = None
     masks = ccgr.pseudo_masks(maps, after, image_index, class_ids, cfg.mask_threshold)
     rows = []
     for k in range(len(boxes)):
@@ -167,6 +169,7 @@ def refine_batch(batch: dict[str, np.ndarray], cfg: CCGRConfig, round_index: int
             "height": int(h), "width": int(w), "round": round_index,
             "ccgr_loss": float(loss[k]), "ccgr_iterations": int(iters[k]),
             "stop_reason": reasons[k],
+            "box_trajectory": None if traj is None else traj[:, k].tolist(),
         })
     return rows
 

@@ -361,7 +361,38 @@ def refine(r: int, ctx: Context):
                "pseudo_box_mAP_b@0.5_after": box_ap(ctx, pseudo, "box_after"),
                "pseudo_mask_mAP_r@0.5": pseudo_mask_ap(ctx, table),
                "stop_reasons": reasons}
-    return [f"{rd}/pseudo.parquet", f"{rd}/pseudo_coco.json"], metrics
+    artefacts = [f"{rd}/pseudo.parquet", f"{rd}/pseudo_coco.json"]
+    curve = convergence(ctx, pseudo)
+    if curve:
+        from wsis_ray import viz
+
+        metrics["pseudo_box_mAP_b@0.5_by_iteration"] = curve
+        png = viz.figure_convergence(list(curve), list(curve.values()),
+                                     _local_tmp(f"fig5_{rd}.png"), title=f"{rd}: CCGR")
+        ctx.run.write_bytes(f"{rd}/pictures/fig5_convergence.png", png.read_bytes())
+        artefacts.append(f"{rd}/pictures/fig5_convergence.png")
+    return artefacts, metrics
+
+
+def _local_tmp(name: str):
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix="wsis-")) / name
+
+
+def convergence(ctx: Context, pseudo: list[dict]) -> dict[int, float] | None:
+    """Paper Fig. 5: pseudo-box mAP^b_0.5 on the training images vs CCGR iteration."""
+    every = ctx.cfg.ccgr.record_every
+    if not ctx.train_gt or not every or not pseudo or pseudo[0]["box_trajectory"] is None:
+        return None
+    iterations = list(range(0, ctx.cfg.ccgr.iterations + 1, every))
+    curve = {}
+    for t, it in enumerate(iterations):
+        rows = [dict(p, box=p["box_trajectory"][t]) for p in pseudo
+                if p["box_trajectory"] is not None and t < len(p["box_trajectory"])]
+        curve[it] = box_ap(ctx, rows)
+    return curve
 
 
 def pseudo_mask_ap(ctx: Context, table: pa.Table) -> float | None:

@@ -73,6 +73,8 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
     ("ccgr_loss", pa.float32()),         # Eq. 3 at the final box
     ("ccgr_iterations", pa.int32()),
     ("stop_reason", pa.string()),
+    # box at CCGR iterations 0, k, 2k, ... (k = ccgr.record_every; paper Fig. 5), or null
+    ("box_trajectory", pa.list_(BOX)),
 ])
 
 
