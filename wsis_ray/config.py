@@ -149,7 +149,9 @@ class CCGRConfig:
 @dataclass
 class ISConfig:
     """Mask R-CNN instance segmentation branch (torchvision)."""
-    backbone: str = "resnet18"
+    backbone: str = "resnet18"  # paper: resnet50
+    pretrained: str = "none"    # none | imagenet | path to a torchvision ResNet state dict
+    trainable_layers: int = 3   # ResNet stages trained when starting from pretrained weights
     min_size: int = 160
     max_size: int = 224
     batch_size: int = 4
@@ -163,6 +165,8 @@ class ISConfig:
     rpn_post_nms_top_n_train: int = 300
     rpn_batch_size_per_image: int = 128
     box_batch_size_per_image: int = 128
+    rpn_pre_nms_top_n_test: int = 600
+    rpn_post_nms_top_n_test: int = 300
     score_threshold: float = 0.05
     detections_per_img: int = 100
 

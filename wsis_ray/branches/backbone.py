@@ -93,3 +93,26 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def trunk_to_resnet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `Trunk` state dict renamed to torchvision ResNet keys (stem.0 -> conv1,
+    stem.1 -> bn1), e.g. to start a Mask R-CNN body from a shared trunk."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("stem.0."):
+            k = "conv1." + k[len("stem.0."):]
+        elif k.startswith("stem.1."):
+            k = "bn1." + k[len("stem.1."):]
+        out[k] = v
+    return out
+
+
+def load_trunk_state(trunk: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a shared trunk state into `trunk`. BatchNorm's `num_batches_tracked` may be
+    absent (a Mask R-CNN body with FrozenBatchNorm has none); every weight must fit."""
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"trunk state does not fit this trunk: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (backbone names differ?)")
