@@ -20,6 +20,7 @@ Only the IS branch's inference code is imported here (no Train, no other branche
 import argparse
 import asyncio
 import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -184,7 +185,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:12]
 
 
@@ -195,12 +196,11 @@ class Segmenter:
         self.torch_threads = int(torch_threads) or _replica_cpus()
         torch.set_num_threads(self.torch_threads)
         self.model, self.meta = None, {}
-        model, meta = load_checkpoint(checkpoint)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        self.model = model.to(device).eval()
-        self.meta = meta
+        self.model, self.meta = load_checkpoint(checkpoint, device=device)
+        meta = self.meta
         self.checkpoint = checkpoint
         # not "self.classes": cloudpickle would then try to pickle the torch.classes module
         self.class_names = list(meta["classes"])
@@ -387,7 +387,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Serve the IS model (Python form of `serve run`).")
     p.add_argument("--config", default="serve/config.yaml")
     p.add_argument("--checkpoint", help="overrides args.checkpoint in the config")
+    p.add_argument("--write-openapi", metavar="PATH",
+                   help="write the OpenAPI schema (what /openapi.json serves) and exit")
     a = p.parse_args()
+    if a.write_openapi:
+        with open(a.write_openapi, "w") as f:
+            json.dump(api.openapi(), f, indent=2)
+            f.write("\n")
+        return
     app, where = app_from_config(a.config, a.checkpoint)
     serve.start(http_options=where.pop("http_options"))
     serve.run(app, blocking=True, **where)
