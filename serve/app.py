@@ -35,8 +35,8 @@ from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
-from serve.imaging import (FORMATS, RAW_CONTENT_TYPES, BadInput, decode_image, encode_rle,
-                           overlay_png)
+from serve.imaging import (FORMATS, RAW_CONTENT_TYPES, BadInput, check_resizable,
+                           decode_image, encode_rle, overlay_png)
 from wsis_ray.branches.instance import load_checkpoint, predict
 
 API_VERSION = "1.0.0"
@@ -133,7 +133,17 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong and what to send instead")
 
 
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 413, 415, 422)}
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "empty_body, not_an_image, corrupt_image "
+          "(truncated or undecodable), bad_aspect_ratio (too elongated for the model), "
+          "bad_multipart, no_file, bad_content_length"},
+    413: {"model": ErrorResponse, "description": "body_too_large (over max_body_bytes), "
+          "too_many_pixels (header size over max_image_pixels: decompression bombs)"},
+    415: {"model": ErrorResponse, "description": "unsupported_content_type (not multipart, "
+          "image/* or octet-stream), unsupported_format (e.g. GIF, BMP, TIFF)"},
+    422: {"model": ErrorResponse, "description": "bad_query: a query value of the wrong type "
+          "or out of range"},
+}
 
 api = FastAPI(
     title="wsis-ray instance segmentation",
@@ -207,6 +217,8 @@ class Segmenter:
         self.category_ids = list(meta.get("category_ids") or range(1, len(self.class_names) + 1))
         self.model_id = (f"{meta.get('run') or 'model'}-r{meta.get('round', 0)}-"
                          f"{model_fingerprint(self.model)}")
+        self.min_size = int(self.model.transform.min_size[-1])  # what eval-mode resizing uses
+        self.max_size = int(self.model.transform.max_size)
         self.cfg = ServingConfig()
 
     def reconfigure(self, user_config: dict) -> None:
@@ -228,9 +240,22 @@ class Segmenter:
         seconds = time.perf_counter() - start
         return [(o, seconds, len(items)) for o in outputs]
 
-    def _forward(self, images: list[np.ndarray], threshold: float) -> list[dict]:
+    def _forward(self, images: list[np.ndarray], threshold: float) -> list:
+        """One batched forward; if it fails, each image alone, so an image that breaks the
+        model fails only its own request (its slot holds the exception)."""
         with torch.inference_mode():
-            return predict(self.model, images, threshold)
+            try:
+                return predict(self.model, images, threshold)
+            except Exception:
+                if len(images) == 1:
+                    raise
+            outputs = []
+            for im in images:
+                try:
+                    outputs.extend(predict(self.model, [im], threshold))
+                except Exception as e:
+                    outputs.append(e)
+            return outputs
 
     async def _read_body(self, request: Request) -> bytes:
         """The image bytes from a raw body or the first file of a multipart form, reading
@@ -280,7 +305,8 @@ class Segmenter:
         raise BadInput(400, "no_file", "the multipart form has no file part; send the image "
                        "as a file field, e.g. curl -F image=@photo.jpg")
 
-    @api.post("/v1/segment", response_model=SegmentResponse, openapi_extra=_SEGMENT_REQUEST,
+    @api.post("/v1/segment", summary="Segment instances in one image",
+              response_model=SegmentResponse, openapi_extra=_SEGMENT_REQUEST,
               responses={**_ERRORS, 200: {"content": {"image/png": {}}, "description":
                          "JSON instances, or with format=png the overlay picture"}})
     async def segment(
@@ -300,8 +326,11 @@ class Segmenter:
         limit = cfg.max_instances if max_instances is None else max_instances
         data = await self._read_body(request)
         rgb = await asyncio.to_thread(decode_image, data, int(cfg.max_image_pixels))
+        check_resizable(*rgb.shape[:2], self.min_size, self.max_size)
         decoded = time.perf_counter()
         out, infer_s, batch_size = await self._infer((rgb, threshold))
+        if isinstance(out, Exception):
+            raise out
         keep = np.flatnonzero(out["scores"] >= threshold)
         keep = keep[np.argsort(-out["scores"][keep], kind="stable")][:limit]
         boxes, class_ids = out["boxes"][keep], out["class_ids"][keep]
@@ -326,7 +355,7 @@ class Segmenter:
                        "inference_ms": 1000 * infer_s, "batch_size": batch_size},
         }
 
-    @api.get("/v1/model", response_model=ModelInfo)
+    @api.get("/v1/model", summary="Describe the served model", response_model=ModelInfo)
     async def model_info(self):
         """The served checkpoint: classes, provenance (run, round), val metrics, limits."""
         meta = self.meta
@@ -339,7 +368,8 @@ class Segmenter:
             "metrics": meta.get("metrics") or {},
             "is_config": meta.get("config") or {},
             "serving": asdict(self.cfg), "device": self.device,
-            "torch_threads": self.torch_threads,
+            # as seen by the forward's worker thread (OpenMP settings are per thread)
+            "torch_threads": await asyncio.to_thread(torch.get_num_threads),
         }
 
 

@@ -124,3 +124,16 @@ def overlay_png(rgb: np.ndarray, boxes: np.ndarray, class_ids: np.ndarray, score
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def check_resizable(height: int, width: int, min_size: int, max_size: int) -> None:
+    """Mask R-CNN scales the short side to `min_size` unless the long side would pass
+    `max_size`; a very elongated image would get a short side under a pixel and crash the
+    forward (for every image batched with it), so it is refused here."""
+    short, long = min(height, width), max(height, width)
+    scaled = short * min(min_size / short, max_size / long)
+    if scaled < 2:
+        raise BadInput(400, "bad_aspect_ratio", f"the image is {width}x{height}: the model "
+                       f"resizes it to at most {max_size} px on the long side, leaving "
+                       f"{scaled:.2f} px on the short side; send an image with an aspect "
+                       f"ratio under {max_size // 2}:1")

@@ -41,7 +41,7 @@ def _image(seed: int, h: int = 96, w: int = 96) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     img = np.full((h, w, 3), 40, np.float32)
     for _ in range(3):
-        cy, cx, r = rng.uniform(15, h - 15), rng.uniform(15, w - 15), rng.uniform(8, 20)
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 20)
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(80, 255, 3)
     return img.astype(np.uint8)
 
@@ -179,6 +179,22 @@ def test_check_health_fails_without_model():
         Segmenter.func_or_class.check_health(not_loaded)
 
 
+def test_failing_image_fails_only_its_own_request(monkeypatch):
+    """If a batched forward raises, each image is retried alone: co-batched requests still
+    get answers and only the culprit's slot holds the error."""
+    def fake_predict(model, images, threshold):
+        if any(im.shape[0] == 1 for im in images):
+            raise RuntimeError("boom")
+        return [{"h": im.shape[0]} for im in images]
+
+    forward = Segmenter.func_or_class._forward
+    monkeypatch.setitem(forward.__globals__, "predict", fake_predict)  # Serve copied globals
+    out = forward(SimpleNamespace(model=None), [np.zeros((4, 4, 3), np.uint8),
+                                                np.zeros((1, 4, 3), np.uint8),
+                                                np.zeros((5, 4, 3), np.uint8)], 0.0)
+    assert out[0] == {"h": 4} and out[2] == {"h": 5} and isinstance(out[1], RuntimeError)
+
+
 def test_config_yaml_is_valid_and_builds():
     from ray.serve.schema import ServeDeploySchema
     config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
@@ -283,6 +299,8 @@ _BAD = {
                           400, "no_file"),
     "broken_multipart": (dict(content=b"--nope\r\ngarbage", headers={
         "content-type": "multipart/form-data; boundary=xyz"}), {}, 400, "bad_multipart"),
+    "too_elongated": (dict(content=_encode(_image(6, 1, 300), "PNG"), headers={
+        "content-type": "image/png"}), {}, 400, "bad_aspect_ratio"),
     "pixel_bomb": (dict(content=_png_bomb(60_000, 60_000), headers={
         "content-type": "image/png"}), {}, 413, "too_many_pixels"),
     "over_pixel_limit": (dict(content=_encode(_image(5, 201, 200), "PNG"), headers={
@@ -333,3 +351,14 @@ def test_concurrent_burst_has_no_errors(base, direct):
     assert not errors
     assert all(len(r.json()["instances"]) == counts[k % 4] for k, r in results)
     assert max(r.json()["timing"]["batch_size"] for _, r in results) > 1  # batching happened
+
+
+@pytest.mark.ray
+def test_client_example(client, tmp_path):
+    from serve import client as example
+    path = tmp_path / "photo.png"
+    path.write_bytes(_encode(_IMG, "PNG"))
+    url = str(client.base_url).rstrip("/")
+    body = json.loads(example.segment(url, str(path), threshold=0.0))
+    assert body["image"] == {"width": 96, "height": 96} and body["instances"]
+    assert example.segment(url, str(path), threshold=0.0, fmt="png")[:8] == b"\x89PNG\r\n\x1a\n"
