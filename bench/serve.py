@@ -7,7 +7,8 @@ Prints one JSON line. In one run, on the same images and with the same torch thr
             --max-batch-size (the best a server could do with the model alone);
   http    - POST /v1/segment (JPEG bodies) to a one-replica `serve.run` deployment with
             @serve.batch, at concurrency 1 and 8 (threads, one keep-alive client each).
-Ratios: http c8 throughput / direct batched (target >= 0.8), http c1 / direct c1.
+Ratios: http c8 throughput / direct batched (target >= 0.8), http c1 / direct c1, and the
+time of a PRM-style proposal-ranking inference over the IS forward (see `prm_style`).
 Without --checkpoint a random-weight model of the demo size (ResNet-18, 160 px, light
 heads) is built; its box score floor is 0.05 and it keeps 20 detections per image, so each
 answer carries masks to encode as a trained model's would.
@@ -74,7 +75,7 @@ class Direct:
         import torch
         from wsis_ray.branches.instance import load_checkpoint, predict
         torch.set_num_threads(threads)
-        self.model, _ = load_checkpoint(checkpoint, device=device)
+        self.model, self.meta = load_checkpoint(checkpoint, device=device)
         self.predict = predict
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -124,14 +125,55 @@ def http_load(url: str, bodies: list[bytes], requests: int, concurrency: int) ->
     return stats
 
 
-def prm_status() -> str:
+def prm_style(images: list[np.ndarray], num_classes: int, size: int) -> dict | str:
+    """Time a PRM-style inference (no IS network) on the same images, for the paper's speed
+    claim: CAM forward (+ flip, as at seed time) -> class peaks -> selective-search
+    proposals -> per-peak Eq. 4 ranking against the class's CAM -> the best proposal per
+    peak. It is a lower bound on PRM's own cost: PRM ranks with per-peak backpropagated
+    response maps and MCG segments, both slower. Needs the seeds code (wsis_ray.peaks,
+    proposals, bags); without it the reason is returned instead of figures."""
     try:
-        import wsis_ray.peaks  # noqa: F401
-        import wsis_ray.proposals  # noqa: F401
+        import cv2
+        import torch
+        from wsis_ray.bags import peak_bags
+        from wsis_ray.config import BackboneConfig
+        from wsis_ray.peaks import CAMNet, find_peaks, normalized_cam, predict_response
+        from wsis_ray.proposals import selective_search
     except ImportError as e:
-        return (f"not measured: the seeds issue (PRM peaks + proposal ranking) is not on "
-                f"this branch ({e})")
-    return "not measured: seeds code present but no PRM-style inference path is wired here"
+        return f"not measured: the seeds code (PRM peaks, proposals, Eq. 4 bags) is not on this branch ({e})"
+    torch.manual_seed(0)
+    cam = CAMNet(BackboneConfig(name="resnet18"), num_classes).eval()
+    parts = {"cam": 0.0, "proposals": 0.0, "ranking": 0.0}
+    instances = 0
+    predict_response(cam, images[:1], size)  # warm-up
+    for im in images:
+        h, w = im.shape[:2]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits, _ = cam(torch.from_numpy(cv2.resize(im, (size, size))).permute(2, 0, 1)
+                            .float()[None])
+        response = predict_response(cam, [im], size)[0]
+        present = [int(c) for c in np.flatnonzero(logits[0].numpy() > 0)] or [
+            int(logits[0].argmax())]
+        peaks = find_peaks(response, present, image_hw=(h, w))
+        t1 = time.perf_counter()
+        boxes, objectness = selective_search(im, max_proposals=300)
+        t2 = time.perf_counter()
+        ncam = normalized_cam(response, present)
+        scores = np.zeros((num_classes + 1, h, w), np.float32)
+        for c in present:
+            scores[c + 1] = cv2.resize(ncam[c], (w, h), interpolation=cv2.INTER_LINEAR)
+        bags, _ = peak_bags(boxes, objectness, peaks, scores, size=1)
+        instances += len(bags)
+        t3 = time.perf_counter()
+        parts["cam"] += t1 - t0
+        parts["proposals"] += t2 - t1
+        parts["ranking"] += t3 - t2
+    n = len(images)
+    total = sum(parts.values())
+    return {"ms_per_image": round(1000 * total / n, 1),
+            "parts_ms_per_image": {k: round(1000 * v / n, 1) for k, v in parts.items()},
+            "instances_per_image": round(instances / n, 2)}
 
 
 def _median(runs: list[dict]) -> dict:
@@ -187,6 +229,8 @@ def main() -> None:
     replica_threads = httpx.get(f"http://127.0.0.1:{port}/v1/model").json()["torch_threads"]
 
     direct = Direct(checkpoint, a.cpus, a.device)
+    prm = prm_style(decoded, len(direct.meta["classes"]), a.size) if a.device == "cpu" else \
+        "not measured on GPU (selective search runs on CPU)"
     direct.batched(decoded[:a.max_batch_size], a.max_batch_size)  # warm-up
     runs = {"direct_c1": [], "direct_batched": [], "http_c1": [], "http_c8": []}
     for _ in range(a.rounds):  # alternate, so both sides see the same host load
@@ -214,7 +258,10 @@ def main() -> None:
             m["http_c1"]["throughput_ips"] / m["direct_c1"]["throughput_ips"], 3),
         "target_ratio_c8": 0.8,
         "throughput_per_round": {k: [r["throughput_ips"] for r in v] for k, v in runs.items()},
-        "prm_proposal_ranking": prm_status(),
+        "prm_style_inference": prm,
+        "ratio_prm_style_vs_is_forward_time": round(
+            prm["ms_per_image"] * m["direct_c1"]["throughput_ips"] / 1000, 2)
+        if isinstance(prm, dict) else None,
     }))
 
 
