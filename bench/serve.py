@@ -211,7 +211,8 @@ def main() -> None:
     decoded = [decode_image(b, 10**8) for b in bodies]  # what the server forwards
 
     gpus = 1 if a.device == "cuda" else 0
-    ray.init(num_cpus=a.cpus + 2, num_gpus=gpus, include_dashboard=False,
+    # address="local": a fresh instance, never a cluster someone else started on this host
+    ray.init(address="local", num_cpus=a.cpus + 2, num_gpus=gpus, include_dashboard=False,
              log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
