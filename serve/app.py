@@ -313,7 +313,8 @@ class Segmenter:
         self, request: Request,
         score_threshold: float | None = Query(None, ge=0.0, le=1.0, description=
                                               "keep instances scoring at least this "
-                                              "(default: the deployment's)"),
+                                              "(default: the deployment's; the model's own "
+                                              "floor is in /v1/model)"),
         max_instances: int | None = Query(None, ge=1, le=1000, description=
                                           "return at most this many, best first"),
         format: Literal["json", "png"] = Query("json", description=
@@ -367,7 +368,12 @@ class Segmenter:
             "round": meta.get("round"),
             "metrics": meta.get("metrics") or {},
             "is_config": meta.get("config") or {},
-            "serving": asdict(self.cfg), "device": self.device,
+            # the model itself drops detections under its box score floor and keeps at most
+            # its detections-per-image, whatever a request asks
+            "serving": {**asdict(self.cfg),
+                        "model_score_floor": float(self.model.roi_heads.score_thresh),
+                        "model_max_detections": int(self.model.roi_heads.detections_per_img)},
+            "device": self.device,
             # as seen by the forward's worker thread (OpenMP settings are per thread)
             "torch_threads": await asyncio.to_thread(torch.get_num_threads),
         }

@@ -271,6 +271,7 @@ def test_model_info(client):
     assert (info["run"], info["round"], info["metrics"]) == ("test-run", 2, {"mAP_r@0.5": 12.5})
     assert info["is_config"]["backbone"] == "resnet18"
     assert info["serving"]["max_body_bytes"] == LIMITS["max_body_bytes"]
+    assert info["serving"]["model_max_detections"] == 8
     assert info["torch_threads"] == 1 and info["device"] == "cpu"
     openapi = client.get("/openapi.json")
     assert openapi.status_code == 200 and "/v1/segment" in openapi.json()["paths"]
