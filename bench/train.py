@@ -6,7 +6,8 @@ Same data (synthetic 2-class images written here), same model and steps, in one 
   ray_1    - instance.train_loop_per_worker under TorchTrainer, 1 worker with all CPUs;
   ray_2    - the same with 2 workers (gloo DDP), the CPUs split between them.
 Step time = steady-state seconds per step (the first window, with model build and warm-up,
-is dropped). Target: ray_1 / plain <= 1.15.
+is dropped). Target: ray_1 / plain <= 1.15. CPU seconds per step are reported too: on a
+shared machine other processes' load moves wall-clock times by several x, CPU time barely.
 
   PYTHONPATH=. python bench/train.py [--steps 12] [--size 160] [--batch 4]
 """
@@ -68,6 +69,11 @@ def steady_step_s(history: list[dict], batch: int) -> float:
     return sum(batch / h["images_per_s"] for h in rest) / len(rest)
 
 
+def steady_cpu_s(history: list[dict]) -> float:
+    rest = history[1:] or history
+    return sum(h["cpu_s_per_step"] for h in rest) / len(rest)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
@@ -115,6 +121,11 @@ def main() -> None:
         "images_per_s_1_worker": round(args.batch / ray1_s, 2),
         "images_per_s_2_workers": round(args.batch / ray2_s, 2),
         "scaling_2_vs_1": round(ray1_s / ray2_s, 3),
+        # CPU seconds per step of the training process (all its threads): robust to other
+        # processes' load on a shared machine, where the wall-clock figures are not.
+        "plain_cpu_s_per_step": round(steady_cpu_s(plain), 3),
+        "ray_1_worker_cpu_s_per_step": round(steady_cpu_s(runs[1][0]), 3),
+        "cpu_ratio_ray_vs_plain": round(steady_cpu_s(runs[1][0]) / steady_cpu_s(plain), 3),
         "wall_s": {"plain": round(plain_wall, 1), "ray_1": round(runs[1][1], 1),
                    "ray_2": round(runs[2][1], 1)},
         "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),

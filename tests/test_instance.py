@@ -87,6 +87,7 @@ def test_trunk_sharing_into_and_out_of_mask_rcnn():
 def test_gt_table_and_targets(tmp_path):
     from types import SimpleNamespace
 
+    from wsis_ray.branches.common import record_dicts
     from wsis_ray.data.records import write_table_atomic
     from _branches_synth import make_dataset
 
@@ -97,7 +98,7 @@ def test_gt_table_and_targets(tmp_path):
           for i, objs in d["gt"].items()}
     uri = str(tmp_path / "gt.parquet")
     write_table_atomic(instance.gt_table(gt), uri)
-    data = instance.ISImages([r.__dict__ for r in d["records"]],
+    data = instance.ISImages(record_dicts(d["records"]),
                              instance.read_instance_labels(uri), flip=False)
     x, t = data[0]
     c, m, b = d["gt"][0][0]

@@ -103,12 +103,15 @@ def test_mil_trains_on_two_workers_and_selects_one_box_per_bag(ray_session, tmp_
 @pytest.mark.ray
 def test_mil_local_mode_and_trunk_sharing(ray_session, tmp_path):
     d = make_dataset(tmp_path / "data", n=4)
-    cfg = _cfg(0, 2)
+    cfg = _cfg(0, 3)
+    cfg.train.checkpoint_every = 1
     cfg.mil.lr = 0.0  # a zero-lr run must hand back exactly the trunk it was given
     given = Trunk(cfg.backbone).state_dict()
     out = mil.fit_mil(cfg, d["records"], d["proposals"], d["bags"], 2, str(tmp_path / "ray"),
                       init_trunk=given)
     # local mode's checkpoint must survive the run (it is read back after fit)
-    assert out["history"][-1]["step"] == 2
+    assert [h["step"] for h in out["history"]] == [1, 2, 3]
+    kept = list((tmp_path / "ray" / "mil").glob("checkpoint_*"))
+    assert len(kept) == 2  # older local-mode checkpoints are pruned like num_to_keep=2
     k = "layer2.0.conv1.weight"
     assert torch.equal(out["trunk"][k], given[k])
