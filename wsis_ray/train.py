@@ -5,11 +5,16 @@ PyTorch; inside it, `restore()` returns the last checkpointed state (Train V2 re
 `ray.train.get_checkpoint()`, there is no `resume_from_checkpoint`), and `report()` reports
 metrics and, when given a state, a checkpoint. `fit()` wraps it in a `TorchTrainer`, so a
 user scales from one CPU process to a GPU cluster by changing `TrainConfig` only.
+
+Fault tolerance: `FailureConfig(max_failures)` replaces a dead worker group and the loop
+starts again from `restore()`, i.e. from the last `report(..., state)`.
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import time
 from typing import Any, Callable
 
 import torch
@@ -18,18 +23,49 @@ from wsis_ray.config import TrainConfig
 
 STATE_FILE = "state.pt"
 
+# Local mode (num_workers=0) keeps only an in-memory pointer to the last checkpoint
+# directory, so `report()` must not hand it a temporary directory; `fit()` sets this.
+_LOCAL_CHECKPOINT_ROOT: str | None = None
+
+
+def _abs_storage(storage_path: str) -> str:
+    return storage_path if "://" in storage_path else os.path.abspath(storage_path)
+
+
+def _progress_callback(name: str):
+    """A Train callback that prints one progress line per report on the driver side
+    (it runs in the Train controller, whose output Ray forwards to the driver)."""
+    from ray.train import UserCallback
+
+    class Progress(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            print(progress_line(name, metrics[0] if metrics else {}), flush=True)
+
+    return Progress()
+
+
+def progress_line(name: str, m: dict[str, Any]) -> str:
+    parts = [f"[{name}] step {m.get('step', '?')}/{m.get('steps', '?')}"]
+    for k, v in m.items():
+        if k in ("step", "steps") or not isinstance(v, (int, float)):
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
 
 def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: TrainConfig,
-        name: str, storage_path: str):
+        name: str, storage_path: str, progress: bool = True):
     """Run `train_loop` under a TorchTrainer; returns the ray.train.Result.
 
     num_workers=0 runs the loop in the driver process (local mode, for debugging).
     A worker that dies is replaced up to `cfg.max_failures` times and the loop resumes
     from its last checkpoint.
     """
+    global _LOCAL_CHECKPOINT_ROOT
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage_path = _abs_storage(storage_path)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
@@ -43,9 +79,37 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: Tr
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[_progress_callback(name)] if progress and cfg.num_workers > 0 else None,
         ),
     )
-    return trainer.fit()
+    if cfg.num_workers > 0:
+        return trainer.fit()
+    if "://" in storage_path:
+        raise ValueError("train.num_workers=0 (local mode) needs a local storage_path, "
+                         f"got {storage_path}")
+    _LOCAL_CHECKPOINT_ROOT = os.path.join(storage_path, name)
+    try:
+        return trainer.fit()
+    finally:
+        _LOCAL_CHECKPOINT_ROOT = None
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this worker; (0, 1) in local mode."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def device() -> torch.device:
+    """This worker's device (its GPU when use_gpu, else CPU)."""
+    import ray.train.torch
+
+    try:
+        return ray.train.torch.get_device()
+    except Exception:  # local mode without torch distributed set up
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def restore() -> dict[str, Any] | None:
@@ -66,8 +130,18 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
     from ray.train import Checkpoint
 
     rank = ray.train.get_context().get_world_rank()
+    if _LOCAL_CHECKPOINT_ROOT is not None:
+        print(progress_line(os.path.basename(_LOCAL_CHECKPOINT_ROOT), metrics), flush=True)
     if state is None:
         ray.train.report(metrics)
+        return
+    if _LOCAL_CHECKPOINT_ROOT is not None:  # local mode: keep the directory
+        d = os.path.join(_LOCAL_CHECKPOINT_ROOT, f"checkpoint_{time.strftime('%Y%m%d-%H%M%S')}"
+                                                 f"_{metrics.get('step', 0):08d}")
+        os.makedirs(d, exist_ok=True)
+        torch.save(state, os.path.join(d, STATE_FILE))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        _prune_local(_LOCAL_CHECKPOINT_ROOT, keep=2)  # as CheckpointConfig(num_to_keep=2)
         return
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
@@ -75,6 +149,34 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
             torch.save(state, os.path.join(d, STATE_FILE))
             checkpoint = Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _prune_local(root: str, keep: int) -> None:
+    import shutil
+
+    dirs = sorted(d for d in os.listdir(root) if d.startswith("checkpoint_"))
+    for d in dirs[:-keep]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def should_checkpoint(step: int, steps: int, every: int) -> bool:
+    """Checkpoint every `every` steps and at the last step (steps are 1-based)."""
+    return step == steps or (every > 0 and step % every == 0)
+
+
+def crash_once(config: dict[str, Any], step: int) -> None:
+    """Fault-injection hook for tests: with `crash_at_step` and `crash_marker` in the loop
+    config, the worker of rank `crash_rank` (default 0) dies hard at that step the first
+    time only (the marker file records that it happened)."""
+    at, marker = config.get("crash_at_step"), config.get("crash_marker")
+    if at is None or step != at or not marker or os.path.exists(marker):
+        return
+    if world()[0] != config.get("crash_rank", 0):
+        return
+    with open(marker, "w") as f:
+        f.write(str(step))
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def load_result_state(result) -> dict[str, Any]:

@@ -82,17 +82,17 @@ def build_model(cfg: ISConfig, num_classes: int, *, frozen_bn: bool | None = Non
                 init_trunk: dict[str, torch.Tensor] | None = None) -> MaskRCNN:
     """Mask R-CNN for `num_classes` object classes (+1 background: label c+1 = class c).
 
-    frozen_bn: FrozenBatchNorm2d in the ResNet (right when starting from trained weights:
-    ImageNet or a shared trunk); default: frozen iff weights are loaded. From scratch the
-    ResNet uses ordinary BatchNorm and all stages train (as torchvision does).
+    frozen_bn: FrozenBatchNorm2d in the ResNet, right for ImageNet statistics at small
+    batch sizes; default: frozen iff `cfg.pretrained` names weights. From scratch, and from
+    a shared trunk whose BatchNorm statistics come from our own short runs, the ResNet uses
+    ordinary BatchNorm and all stages train (as torchvision does without weights).
     load_weights=False skips loading ImageNet weights (checkpoint loading overwrites them).
     init_trunk: a `Trunk` state dict from a previously trained branch (trunk sharing).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    has_weights = init_trunk is not None or cfg.pretrained not in ("", "none")
     if frozen_bn is None:
-        frozen_bn = has_weights
+        frozen_bn = cfg.pretrained not in ("", "none")
     backbone = _fpn_backbone(cfg, frozen_bn, load_weights, init_trunk)
     ch, k = cfg.fpn_channels, num_classes + 1
     heads: dict[str, nn.Module] = {}
@@ -187,7 +187,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} "
                          f"{image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0
 
 
 @torch.no_grad()
@@ -235,3 +235,205 @@ def to_coco_results(image_ids: list[int], outputs: list[dict[str, np.ndarray]],
                 "segmentation": {"size": [int(h), int(w)], "counts": encode_mask(m)},
             })
     return results
+
+
+# ---------------------------------------------------------------------------- data
+
+def read_instance_labels(uri: str) -> dict[int, list[dict[str, Any]]]:
+    """PSEUDO_LABEL_SCHEMA rows grouped by image_id (pseudo labels, or ground truth written
+    by `gt_table`)."""
+    from wsis_ray.data.records import read_table
+
+    out: dict[int, list[dict[str, Any]]] = {}
+    for row in read_table(uri).to_pylist():
+        out.setdefault(int(row["image_id"]), []).append(row)
+    return out
+
+
+def gt_table(gt: dict[int, Any]):
+    """Ground-truth instances (`InstanceGT`: masks, class_ids, iscrowd) as a
+    PSEUDO_LABEL_SCHEMA table, so the fully supervised upper bound trains through the same
+    reader as the pseudo labels. Crowd regions are left out."""
+    import pyarrow as pa
+
+    from wsis_ray.data.records import PSEUDO_LABEL_SCHEMA
+
+    rows = []
+    for image_id, g in gt.items():
+        for m, c, crowd in zip(g.masks, g.class_ids, g.iscrowd):
+            if crowd or not m.any():
+                continue
+            box = mask_box(m).tolist()
+            rows.append({"image_id": int(image_id), "class_id": int(c), "box_before": box,
+                         "box_after": box, "score": 1.0, "rle_counts": encode_mask(m),
+                         "height": m.shape[0], "width": m.shape[1], "round": 0,
+                         "ccgr_loss": 0.0, "ccgr_iterations": 0, "stop_reason": "ground_truth"})
+    return pa.Table.from_pylist(rows, PSEUDO_LABEL_SCHEMA)
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """Tight [x1, y1, x2, y2] of a non-empty mask (continuous coordinates)."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+class ISImages(torch.utils.data.Dataset):
+    """Images with Mask R-CNN targets (boxes from the masks, labels c+1, masks)."""
+
+    def __init__(self, records: list[dict], labels: dict[int, list[dict]], flip: bool):
+        self.records = [r for r in records if labels.get(r["image_id"])]
+        self.labels, self.flip = labels, flip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        from wsis_ray.branches.common import load_rgb
+        from wsis_ray.data.records import decode_mask
+
+        rec = self.records[i]
+        image = load_rgb(rec["path"])
+        h, w = image.shape[:2]
+        masks, boxes, classes = [], [], []
+        for row in self.labels[rec["image_id"]]:
+            if (row["height"], row["width"]) != (h, w):
+                raise ValueError(f"instance label of image {rec['image_id']} is "
+                                 f"{row['height']}x{row['width']} but {rec['path']} is {h}x{w}")
+            m = decode_mask(row["rle_counts"], h, w)
+            box = mask_box(m) if m.any() else np.asarray(row["box_after"], np.float32)
+            if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+                continue  # degenerate: nothing to learn from
+            masks.append(m)
+            boxes.append(box)
+            classes.append(int(row["class_id"]) + 1)
+        x = to_tensor(image)
+        masks_t = torch.from_numpy(np.stack(masks) if masks else np.zeros((0, h, w), bool))
+        boxes_t = torch.from_numpy(np.stack(boxes) if boxes else np.zeros((0, 4), np.float32))
+        if self.flip and torch.rand(()) < 0.5:
+            x, masks_t = x.flip(-1), masks_t.flip(-1)
+            boxes_t = torch.stack([w - boxes_t[:, 2], boxes_t[:, 1], w - boxes_t[:, 0],
+                                   boxes_t[:, 3]], dim=1)
+        return x, {"boxes": boxes_t, "labels": torch.tensor(classes, dtype=torch.int64),
+                   "masks": masks_t.to(torch.uint8)}
+
+
+def collate(items):
+    return tuple(zip(*items))
+
+
+# ---------------------------------------------------------------------------- training
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train Mask R-CNN like torchvision's references (train_one_epoch): the loss dict
+    summed (Eq. 1), SGD with momentum and linear warm-up. SGD rather than the paper's Adam:
+    torchvision's Mask R-CNN recipe and its lr 0.02 x batch/16 scale are tuned for SGD, and
+    Adam at the paper's lr 1e-2 diverges from scratch.
+
+    config: records (dicts), labels_uri, num_classes, instance, train (dataclass dicts),
+    init_trunk (optional Trunk state dict)."""
+    import ray.train.torch
+    from wsis_ray import train as rt
+    from wsis_ray.branches.common import (Meter, autocast, grad_scaler, infinite,
+                                          seed_everything, unwrap, warmup_cosine)
+    from wsis_ray.config import TrainConfig
+
+    cfg, tc = config_from_dict(config["instance"]), TrainConfig(**config["train"])
+    rank, world = rt.world()
+    seed_everything(tc.seed + rank)
+    dev = rt.device()
+    data = ISImages(config["records"], read_instance_labels(config["labels_uri"]), flip=True)
+    if len(data) == 0:
+        raise ValueError(f"IS branch: no training image has an instance label in "
+                         f"{config['labels_uri']}")
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True,
+                                         collate_fn=collate,
+                                         drop_last=len(data) >= cfg.batch_size * world)
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    model = build_model(cfg, config["num_classes"], init_trunk=config.get("init_trunk"))
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, cfg.steps, min(100, cfg.steps // 10 + 1)))
+    scaler = grad_scaler(dev, tc.amp)
+    step, resumed_from, history = 0, 0, []
+    state = rt.restore()
+    if state is not None:
+        unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step = resumed_from = state["step"]
+        history = state["history"]
+
+    model.train()
+    meter = Meter()
+    batches = infinite(loader, sampler_epoch_start=step)
+    while step < cfg.steps:
+        images, targets = next(batches)
+        images = [im.to(dev) for im in images]
+        targets = [{k: v.to(dev) for k, v in t.items()} for t in targets]
+        with autocast(dev, tc.amp):
+            loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"IS loss is {loss.item()} at step {step} "
+                                     f"({ {k: v.item() for k, v in loss_dict.items()} }); "
+                                     f"lower instance.lr")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        # From scratch (no ImageNet weights offline) early steps can blow up; clipping
+        # keeps the short CPU schedules stable.
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        step += 1
+        meter.add(dict({k: v.item() for k, v in loss_dict.items()}, loss=loss.item()),
+                  len(images))
+        rt.crash_once(config, step)
+        if rt.should_checkpoint(step, cfg.steps, tc.checkpoint_every):
+            m = meter.read()
+            m["images_per_s"] *= world
+            metrics = dict(m, step=step, steps=cfg.steps, lr=sched.get_last_lr()[0],
+                           resumed_from=resumed_from, threads=torch.get_num_threads())
+            history.append(metrics)
+            rt.report(metrics, {
+                "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "history": history, "frozen_bn": _is_frozen(unwrap(model))})
+
+
+def fit_instance(cfg, records, labels_uri: str, classes: list[str], storage_path: str,
+                 name: str = "is", init_trunk: dict[str, torch.Tensor] | None = None,
+                 checkpoint_uri: str | None = None, meta: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Driver side: train the IS branch under Ray Train on the PSEUDO_LABEL_SCHEMA file
+    `labels_uri` (pseudo labels, or `gt_table(...)` for the fully supervised upper bound).
+    With `checkpoint_uri`, also writes the Serve checkpoint (meta: category_ids, round...).
+    Returns {"model", "frozen_bn", "trunk", "metrics", "history"}."""
+    from wsis_ray import train as rt
+    from wsis_ray.branches.common import record_dicts
+    from wsis_ray.config import to_dict
+
+    loop_config = {
+        "records": record_dicts(records), "labels_uri": labels_uri,
+        "num_classes": len(classes), "instance": to_dict(cfg.instance),
+        "train": to_dict(cfg.train), "init_trunk": init_trunk}
+    loop_config.update(extra or {})
+    result = rt.fit(train_loop_per_worker, loop_config, cfg.train, name, storage_path)
+    state = rt.load_result_state(result)
+    out = {"model": state["model"], "frozen_bn": state["frozen_bn"],
+           "metrics": state["history"][-1], "history": state["history"]}
+    model = build_model(cfg.instance, len(classes), frozen_bn=state["frozen_bn"],
+                        load_weights=False)
+    model.load_state_dict(state["model"])
+    out["trunk"] = trunk_state(model)
+    if checkpoint_uri:
+        save_checkpoint(checkpoint_uri, model, dict(meta or {}, classes=list(classes),
+                                                    config=to_dict(cfg.instance),
+                                                    metrics=out["metrics"]))
+    return out

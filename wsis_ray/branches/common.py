@@ -1,0 +1,123 @@
+"""Small pieces the three branches' training loops share (no Ray imports).
+
+Records travel to Train workers as plain dicts (`dataclasses.asdict(ImageRecord)`), so a
+worker needs nothing from the driver; each worker opens the image files itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from contextlib import nullcontext
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+
+def record_dicts(records: Iterable[Any]) -> list[dict[str, Any]]:
+    """ImageRecords (or dicts) -> plain dicts for the train loop config."""
+    out = []
+    for r in records:
+        d = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+        d["class_ids"] = [int(c) for c in d["class_ids"]]
+        out.append(d)
+    return out
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """H x W x 3 uint8 RGB (same as wsis_ray.data.datasets.load_image)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"cannot read image {path}: {e}") from e
+
+
+def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 HxWx3 -> float CHW in [0, 255] resized to size x size (bilinear). The dense
+    branches train and infer at one square size; boxes and maps are rescaled to match."""
+    im = Image.fromarray(image).resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float()
+
+
+def resize_labels(labels: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 HxW label map -> int64 size x size (nearest, so 255 = ignore survives)."""
+    im = Image.fromarray(labels).resize((size, size), Image.NEAREST)
+    return torch.from_numpy(np.asarray(im).astype(np.int64))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, steps: int, warmup: int) -> float:
+    """LR factor: linear warm-up over `warmup` steps, then cosine decay to 5%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (state dicts are saved without the `module.` prefix)."""
+    return getattr(model, "module", model)
+
+
+def autocast(device: torch.device, amp: bool):
+    """Mixed precision on GPU only (CPU autocast is slower than fp32 for these nets)."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+
+
+class Meter:
+    """Running means of the losses, images/s and CPU s/step since the last `read()`."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.images = 0
+        self.t0 = time.perf_counter()
+        self.c0 = time.process_time()  # CPU time of all this process's threads
+
+    def add(self, losses: dict[str, float], images: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+        self.images += images
+
+    def read(self) -> dict[str, float]:
+        dt = time.perf_counter() - self.t0
+        out = {k: v / max(1, self.n) for k, v in self.sums.items()}
+        out["images_per_s"] = self.images / dt if dt > 0 else 0.0
+        # CPU seconds per step: unlike wall time, barely moved by other processes' load
+        out["cpu_s_per_step"] = (time.process_time() - self.c0) / max(1, self.n)
+        self.__init__()
+        return out
+
+
+def infinite(loader, sampler_epoch_start: int = 0):
+    """Iterate a DataLoader forever, advancing a DistributedSampler's epoch each pass."""
+    epoch = sampler_epoch_start
+    while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a state dict under `prefix`, with the prefix removed (e.g. a
+    network's "trunk." part, handed on to the next branch)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
