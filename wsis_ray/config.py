@@ -133,7 +133,7 @@ class AffinityConfig:
 
 @dataclass
 class MILConfig:
-    """WSDDN over peak bags."""
+    """WSDDN over peak bags (paper: Adam, lr 1e-4, weight decay 1e-4, batch 1)."""
     image_size: int = 160
     batch_size: int = 1
     steps: int = 300
@@ -145,7 +145,8 @@ class MILConfig:
 
 @dataclass
 class SSConfig:
-    """FCN + pyramid pooling semantic segmentation branch."""
+    """FCN + pyramid pooling semantic segmentation branch (paper: Adam, lr 1e-4, batch 1;
+    the demo uses lr 1e-3 and batch 8 to learn in a few hundred CPU steps)."""
     image_size: int = 160
     batch_size: int = 8
     steps: int = 300
@@ -192,7 +193,10 @@ class CCGRConfig:
 
 @dataclass
 class ISConfig:
-    """Mask R-CNN instance segmentation branch (torchvision)."""
+    """Mask R-CNN instance segmentation branch (torchvision; paper: ResNet-50, batch 16,
+    lr 1e-2). SGD with momentum as torchvision's references (see instance.py).
+    light_heads: a 256-wide box head and a 2x128-conv mask head instead of the 1024-wide /
+    4x256-conv defaults (a CPU deviation: ~25% less CPU per step); false for the paper."""
     backbone: str = "resnet18"  # paper: resnet50
     pretrained: str = "none"    # none | imagenet | path to a torchvision ResNet state dict
     trainable_layers: int = 3   # ResNet stages trained when starting from pretrained weights

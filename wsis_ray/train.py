@@ -141,6 +141,7 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
         os.makedirs(d, exist_ok=True)
         torch.save(state, os.path.join(d, STATE_FILE))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        _prune_local(_LOCAL_CHECKPOINT_ROOT, keep=2)  # as CheckpointConfig(num_to_keep=2)
         return
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
@@ -148,6 +149,14 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
             torch.save(state, os.path.join(d, STATE_FILE))
             checkpoint = Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _prune_local(root: str, keep: int) -> None:
+    import shutil
+
+    dirs = sorted(d for d in os.listdir(root) if d.startswith("checkpoint_"))
+    for d in dirs[:-keep]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
 def should_checkpoint(step: int, steps: int, every: int) -> bool:

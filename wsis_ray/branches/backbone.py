@@ -4,6 +4,17 @@ Weights: `pretrained: none` trains from scratch; `imagenet` loads torchvision's 
 weights from the local torch cache (or downloads them where the machine is online); any
 other value is a path to a torchvision ResNet state dict. Nothing here downloads unless
 `imagenet` is asked for and the cache is empty.
+
+Shared convolutional layers. In the paper the MIL, SS and IS branches sit on one set of
+shared conv layers (Figure 2). Here the branches are trained one after another as separate
+Ray Train runs, so sharing is sequential: with `backbone.share_trunk`, each branch starts
+from the latest trunk weights the previous step trained (CAM -> MIL -> SS -> IS -> next
+round's MIL ...). Every branch's driver function (`fit_mil`, `fit_ss`, `fit_instance`)
+takes an optional `init_trunk` (a `Trunk` state dict) and returns its trained `trunk`; the
+round driver threads it through. Weight shapes do not depend on the stride-16 dilation, so
+one state dict fits the stride-16 trunk of MIL/SS and the stride-32 ResNet body of Mask
+R-CNN's FPN (`trunk_to_resnet_state` renames `stem.0/1` to `conv1/bn1`). With
+`share_trunk: false` every branch starts from `pretrained`.
 """
 from __future__ import annotations
 

@@ -81,13 +81,14 @@ def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
 
 
 class Meter:
-    """Running means of the losses and images/s since the last `read()`."""
+    """Running means of the losses, images/s and CPU s/step since the last `read()`."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.n = 0
         self.images = 0
         self.t0 = time.perf_counter()
+        self.c0 = time.process_time()  # CPU time of all this process's threads
 
     def add(self, losses: dict[str, float], images: int) -> None:
         for k, v in losses.items():
@@ -99,6 +100,8 @@ class Meter:
         dt = time.perf_counter() - self.t0
         out = {k: v / max(1, self.n) for k, v in self.sums.items()}
         out["images_per_s"] = self.images / dt if dt > 0 else 0.0
+        # CPU seconds per step: unlike wall time, barely moved by other processes' load
+        out["cpu_s_per_step"] = (time.process_time() - self.c0) / max(1, self.n)
         self.__init__()
         return out
 

@@ -399,7 +399,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             m = meter.read()
             m["images_per_s"] *= world
             metrics = dict(m, step=step, steps=cfg.steps, lr=sched.get_last_lr()[0],
-                           resumed_from=resumed_from)
+                           resumed_from=resumed_from, threads=torch.get_num_threads())
             history.append(metrics)
             rt.report(metrics, {
                 "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),

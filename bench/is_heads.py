@@ -1,0 +1,79 @@
+"""IS branch on CPU: `light_heads` vs torchvision's default box/mask heads; one JSON line.
+
+Same batch (4 synthetic 160 px images), one torch thread, SGD steps in this process,
+alternating the two models so drifting machine load hits both alike. Reports CPU seconds
+per training step (robust on a shared machine) and wall seconds.
+
+  PYTHONPATH=. python bench/is_heads.py [--steps 3] [--repeats 2] [--size 160]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import torch  # noqa: E402
+
+from _branches_synth import make_dataset  # noqa: E402
+from wsis_ray.branches import instance  # noqa: E402
+from wsis_ray.branches.common import record_dicts  # noqa: E402
+from wsis_ray.config import ISConfig  # noqa: E402
+
+
+def time_steps(light: bool, batch, steps: int, size: int) -> tuple[float, float, int]:
+    torch.manual_seed(0)
+    cfg = ISConfig(light_heads=light, min_size=size, max_size=int(size * 1.4))
+    model = instance.build_model(cfg, 2).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                          momentum=0.9)
+    cpu, wall = [], []
+    for _ in range(steps + 1):  # the first step warms up
+        c, t = time.process_time(), time.perf_counter()
+        loss = sum(model(list(batch[0]), list(batch[1])).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cpu.append(time.process_time() - c)
+        wall.append(time.perf_counter() - t)
+    n_params = sum(p.numel() for p in model.parameters())
+    return sum(cpu[1:]) / steps, sum(wall[1:]) / steps, n_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--size", type=int, default=160)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = make_dataset(Path(tmp), n=4, size=args.size)
+        data = instance.ISImages(record_dicts(d["records"]),
+                                 instance.read_instance_labels(d["pseudo"]), flip=False)
+        batch = instance.collate([data[i] for i in range(4)])
+    res = {True: [], False: []}
+    params = {}
+    for _ in range(args.repeats):
+        for light in (False, True):
+            cpu, wall, params[light] = time_steps(light, batch, args.steps, args.size)
+            res[light].append((cpu, wall))
+    mean = {k: [sum(x) / len(x) for x in zip(*v)] for k, v in res.items()}
+    print(json.dumps({
+        "bench": "is_heads", "image_size": args.size, "batch": 4, "threads": 1,
+        "default_cpu_s_per_step": round(mean[False][0], 3),
+        "light_cpu_s_per_step": round(mean[True][0], 3),
+        "cpu_ratio_light_vs_default": round(mean[True][0] / mean[False][0], 3),
+        "default_wall_s_per_step": round(mean[False][1], 3),
+        "light_wall_s_per_step": round(mean[True][1], 3),
+        "params_m": {"default": round(params[False] / 1e6, 1),
+                     "light": round(params[True] / 1e6, 1)},
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP serving of the final IS model (Ray Serve); see serve/app.py."""
