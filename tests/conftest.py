@@ -23,7 +23,7 @@ def ray_session(tmp_path_factory):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False,
                  object_store_memory=512 * 1024 * 1024,
                  _temp_dir=None)
     yield ray

@@ -81,7 +81,8 @@ def init_ray(address: str | None, cfg: Config) -> None:
         ray.init(address=address)
     else:
         # More logical CPUs than cores: Train workers and Ray Data actors coexist (FACTS.md).
-        ray.init(num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 2) * 2),
+                 include_dashboard=False)
 
 
 # -- plan ----------------------------------------------------------------------------------
