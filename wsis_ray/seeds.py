@@ -429,9 +429,7 @@ def figures(cfg: Config, dataset, run: RunDir, gt: dict, split: str) -> dict[str
         target = semantic_gt(x)
         cls = dataset.by_id(i).class_ids
         conf_aff += affinity.confusion(read_semantic(run, i, split), target, n)
-        cam = cv2.resize(np.moveaxis(cams[i], 0, -1), (x.width, x.height),
-                         interpolation=cv2.INTER_LINEAR).reshape(x.height, x.width, -1)
-        cam = np.moveaxis(cam, -1, 0)
+        cam = peaks.resize_maps(cams[i], (x.height, x.width)).numpy()
         for t in CAM_THRESHOLDS:
             conf_cam[t] += affinity.confusion(affinity.cam_threshold_labels(cam, cls, t),
                                               target, n)
