@@ -86,7 +86,7 @@ class CAMConfig:
     peak_window: int = 3
     peak_threshold: str = "median"  # "median" or a float in response-map units
     peak_upsample: int = 4
-    peak_min_relative: float = 0.0
+    peak_min_relative: float = 0.2
 
 
 @dataclass

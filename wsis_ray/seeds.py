@@ -101,23 +101,24 @@ def train_cam(cfg: Config, dataset, run: RunDir, split: str = "train") -> None:
 class _CamPredictor:
     """Ray Data actor: response maps and peaks for a batch of image records."""
 
-    def __init__(self, state_uri: str):
+    def __init__(self, state_uri: str, cam: dict):
         import torch
 
         from wsis_ray.config import BackboneConfig
 
         state = load_state(state_uri)
-        self.cam = state["cam"]
+        self.cam = cam  # peak settings of this run (the network's own are in the state)
         self.model = peaks.CAMNet(BackboneConfig(**state["backbone"]), len(state["classes"]),
-                                  self.cam["pooling"], self.cam["peak_window"])
+                                  state["cam"]["pooling"], state["cam"]["peak_window"])
         self.model.load_state_dict(state["model"])
         self.model.eval()
+        self.size = state["cam"]["image_size"]
         torch.set_grad_enabled(False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         recs = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
         images = [peaks.load_record_image(_plain(r)) for r in recs]
-        responses = peaks.predict_response(self.model, images, self.cam["image_size"])
+        responses = peaks.predict_response(self.model, images, self.size)
         out: dict[str, list] = {k: [] for k in ("image_id", "class_ids", "shape", "response",
                                                 "peaks")}
         c = self.cam
@@ -154,7 +155,8 @@ def cam_outputs(cfg: Config, dataset, run: RunDir, split: str = "train") -> None
     t0 = time.time()
     rows = (ray.data.from_items(_records(dataset))
             .map_batches(_CamPredictor, fn_constructor_kwargs={
-                "state_uri": run.uri_of("seeds/cam/state.pt")},
+                "state_uri": run.uri_of("seeds/cam/state.pt"),
+                "cam": dataclasses.asdict(cfg.cam)},
                 batch_size=16, compute=_actors(cfg))
             .take_all())
     rows.sort(key=lambda r: r["image_id"])
@@ -285,13 +287,14 @@ def train_affinity(cfg: Config, dataset, run: RunDir, split: str = "train") -> N
 class _SemanticPredictor:
     """Ray Data actor: AffinityNet random walk of one batch's CAMs -> label PNG bytes."""
 
-    def __init__(self, state_uri: str):
+    def __init__(self, state_uri: str, walk: dict):
         import torch
 
         from wsis_ray.config import BackboneConfig
 
         state = load_state(state_uri)
-        self.cfg = state["affinity"]
+        # the random walk's settings are this run's; the input size is the network's own
+        self.cfg = {**walk, "image_size": state["affinity"]["image_size"]}
         self.model = affinity.AffinityNet(BackboneConfig(**state["backbone"]))
         self.model.load_state_dict(state["model"])
         self.model.eval()
@@ -334,7 +337,8 @@ def semantic_labels(cfg: Config, dataset, run: RunDir, split: str = "train") -> 
              for r in dataset.records]
     rows = (ray.data.from_items(items)
             .map_batches(_SemanticPredictor, fn_constructor_kwargs={
-                "state_uri": run.uri_of("seeds/affinity/state.pt")},
+                "state_uri": run.uri_of("seeds/affinity/state.pt"),
+                "walk": dataclasses.asdict(cfg.affinity)},
                 batch_size=8, compute=_actors(cfg))
             .take_all())
     for r in rows:
