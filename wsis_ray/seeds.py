@@ -481,6 +481,11 @@ def run_seeds(cfg: Config, run: RunDir, evaluate: bool = True) -> dict[str, Any]
     return metrics
 
 
+def run(cfg: Config, run_dir: str | RunDir, evaluate: bool = True) -> dict[str, Any]:
+    """ARCHITECTURE.md's entry point: `run_seeds` on a run directory path or RunDir."""
+    return run_seeds(cfg, run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir), evaluate)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
@@ -498,10 +503,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    run = RunDir(cfg.run_dir)
-    run.check_config(cfg, force=args.force)
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.check_config(cfg, force=args.force)
     t0 = time.time()
-    metrics = run_seeds(cfg, run, evaluate=not args.no_eval)
+    metrics = run_seeds(cfg, run_dir, evaluate=not args.no_eval)
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     print(json.dumps(metrics), flush=True)
     return metrics
