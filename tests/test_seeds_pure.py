@@ -26,10 +26,10 @@ def test_find_peaks_known_layout_in_image_coordinates():
     r[1] = _two_bumps()
     r[2] = _two_bumps(centres=((10, 10),), amp=(1.0,))
     found = peaks.find_peaks(r, [1], window=3, image_hw=(40, 80))
-    # only the present class; both bumps; image coords scale x by 4, y by 2, centres at +0.5
+    # only the present class; both bumps; cell i sits at image pixel i*stride (centre +0.5)
     assert [p[0] for p in found] == [1, 1]
-    assert found[0][1:3] == pytest.approx(((4 + 0.5) * 4, (5 + 0.5) * 2))
-    assert found[1][1:3] == pytest.approx(((15 + 0.5) * 4, (14 + 0.5) * 2))
+    assert found[0][1:3] == pytest.approx((4 * 4 + 0.5, 5 * 2 + 0.5))
+    assert found[1][1:3] == pytest.approx((15 * 4 + 0.5, 14 * 2 + 0.5))
     assert found[0][3] > found[1][3]
     # a relative threshold keeps only the strong bump; a constant map has no peak
     assert len(peaks.find_peaks(r, [1], min_relative=0.8)) == 1
@@ -40,6 +40,16 @@ def test_find_peaks_subpixel_upsampling_keeps_location():
     r = _two_bumps(centres=((5, 4),), amp=(1.0,))[None]
     (c, x, y, s), = peaks.find_peaks(r, [0], upsample=4, image_hw=(20, 20))
     assert abs(x - 4.5) <= 0.5 and abs(y - 5.5) <= 0.5
+
+
+def test_resize_maps_keeps_cells_on_their_first_pixel():
+    m = np.zeros((1, 5, 5), np.float32)
+    m[0, 2, 3] = 1.0
+    up = peaks.resize_maps(m, (80, 80))[0]       # stride 16: cell (2, 3) -> pixel (32, 48)
+    assert tuple(int(v) for v in np.unravel_index(int(up.argmax()), up.shape)) == (32, 48)
+    assert float(up[32, 48]) == pytest.approx(1.0) and float(up[40, 48]) == pytest.approx(0.5)
+    batched = peaks.resize_maps(torch.from_numpy(m)[None].repeat(2, 1, 1, 1), (80, 80))
+    assert batched.shape == (2, 1, 80, 80) and torch.equal(batched[1, 0], up)
 
 
 def test_peak_stimulation_averages_peaks_and_routes_gradient_there():

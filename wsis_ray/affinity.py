@@ -32,6 +32,7 @@ from torch import nn
 
 from wsis_ray.branches.backbone import Trunk, normalize
 from wsis_ray.config import BackboneConfig
+from wsis_ray.peaks import resize_maps
 
 IGNORE = 255
 
@@ -60,8 +61,7 @@ class AffinityNet(nn.Module):
         feats = []
         for x, conv, norm in zip((x2, x3, x4), self.reduce, self.norms):
             f = F.elu(norm(conv(x)))
-            feats.append(F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                         if f.shape[-2:] != size else f)
+            feats.append(resize_maps(f, tuple(size)) if f.shape[-2:] != size else f)
         return F.elu(self.embed(torch.cat(feats, 1)))
 
 
@@ -212,14 +212,12 @@ def semantic_labels(model: AffinityNet, image: np.ndarray, cam: np.ndarray, clas
     model.eval()
     feats = model(resize_image(image, size)[None])
     gh, gw = feats.shape[-2:]
-    cam_t = F.interpolate(torch.as_tensor(cam, dtype=torch.float32)[None], size=(gh, gw),
-                          mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    cam_t = resize_maps(cam, (gh, gw)).clamp(0, 1)
     scores = torch.cat([background_score(cam_t, bg_power)[None], cam_t])
     affs = [a[0] for a in pair_affinities(feats, radius)]
     walked = random_walk(scores, affinity_matrix(affs, gh, gw, radius), beta, iterations)
     h, w = image.shape[:2]
-    up = F.interpolate(walked[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    up = up.numpy()
+    up = resize_maps(walked, (h, w)).numpy()
     return label_from_scores(up, class_ids, ignore_margin), up
 
 
@@ -261,8 +259,7 @@ class AffinityImages(torch.utils.data.Dataset):
 
         rec = self.records[i]
         x = resize_image(load_record_image(rec), self.size)
-        cam = F.interpolate(torch.as_tensor(self.cams[rec["image_id"]], dtype=torch.float32)[None],
-                            size=(self.grid, self.grid), mode="bilinear", align_corners=False)[0]
+        cam = resize_maps(self.cams[rec["image_id"]], (self.grid, self.grid))
         y = torch.from_numpy(affinity_labels(cam.numpy(), rec["class_ids"], self.fg, self.bg))
         if torch.rand(()) < 0.5:
             x, y = x.flip(2), y.flip(1)

@@ -79,14 +79,14 @@ class CAMConfig:
     """
     image_size: int = 160
     batch_size: int = 16
-    steps: int = 300
+    steps: int = 150
     lr: float = 1e-3
     weight_decay: float = 1e-4
     pooling: str = "peak"
     peak_window: int = 3
     peak_threshold: str = "median"  # "median" or a float in response-map units
     peak_upsample: int = 4
-    peak_min_relative: float = 0.0
+    peak_min_relative: float = 0.2
 
 
 @dataclass
@@ -121,13 +121,13 @@ class AffinityConfig:
     fg_threshold: float = 0.30
     bg_threshold: float = 0.05
     radius: int = 5
-    beta: float = 8.0
-    walk_iterations: int = 256  # exponent t of the transition matrix
+    beta: float = 32.0  # paper: 8; sharper here, see README (demo: t=256 leaks)
+    walk_iterations: int = 32  # exponent t of the transition matrix (paper: 256)
     bg_power: float = 8.0
     ignore_margin: float = 0.0
     image_size: int = 160
     batch_size: int = 8
-    steps: int = 200
+    steps: int = 100
     lr: float = 1e-3
 
 

@@ -61,6 +61,32 @@ def local_maxima(response: torch.Tensor, window: int, threshold: torch.Tensor) -
     return (x == pooled).reshape(response.shape) & (response > threshold)
 
 
+def resize_maps(maps, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of feature-aligned maps ((C, h, w) or (N, C, h, w)) to `size`.
+
+    ResNet features with "same" padding are centred on the *first* pixel of their cell:
+    cell i of a stride-s map sits at image pixel s*i (not s*i + s/2). So output pixel y
+    samples the map at y * h / H (border values beyond the last cell), not at the cell
+    centre convention of `F.interpolate(align_corners=False)`, which would shift every
+    CAM by s/2 - 1/2 pixels (7.5 px at stride 16).
+    """
+    x = torch.as_tensor(np.asarray(maps) if not torch.is_tensor(maps) else maps,
+                        dtype=torch.float32)
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x[None]
+    h, w = x.shape[-2:]
+    out_h, out_w = size
+    ys = torch.arange(out_h, dtype=torch.float32) * h / out_h
+    xs = torch.arange(out_w, dtype=torch.float32) * w / out_w
+    gy = (2 * ys / max(h - 1, 1) - 1).clamp(-1, 1) if h > 1 else torch.zeros(out_h)
+    gx = (2 * xs / max(w - 1, 1) - 1).clamp(-1, 1) if w > 1 else torch.zeros(out_w)
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)
+    out = F.grid_sample(x, grid[None].expand(len(x), -1, -1, -1), mode="bilinear",
+                        padding_mode="border", align_corners=True)
+    return out[0] if squeeze else out
+
+
 def peak_stimulation(response: torch.Tensor, window: int = 3) -> torch.Tensor:
     """PRM's peak stimulation: mean response over the peaks (local maxima above the median)
     of each map; (B, C, h, w) -> (B, C). The peak locations are chosen without gradient.
@@ -83,15 +109,16 @@ def find_peaks(response, class_ids, window: int = 3, threshold: str | float = "m
     min_relative: peaks must also exceed this fraction of the map's maximum;
     image_hw: the image size the map covers (default: the map's own size);
     upsample: bilinear upsampling before locating peaks (sub-pixel peaks).
-    Returns [(class_id, x, y, score)] with (x, y) in image pixels (pixel centres at i + 0.5),
-    per class in decreasing score order. Ties inside one window keep only the first.
+    Returns [(class_id, x, y, score)] with (x, y) in image pixels (pixel centres at i + 0.5;
+    map cell i sits at image pixel i * stride, see `resize_maps`), per class in decreasing
+    score order. Ties inside one window keep only the first.
     """
     r = torch.as_tensor(np.asarray(response), dtype=torch.float32)
     h, w = r.shape[-2:]
     if image_hw is None:
         image_hw = (h, w)
-    # map index u -> source cell coordinate u * step; cell i covers image [i, i+1) * stride.
-    # align_corners=True: samples run node to node, so no clamped border plateaus.
+    # map index u -> source cell coordinate u * step; cell i sits at image pixel i * stride
+    # (see resize_maps). align_corners=True: samples run node to node, no border plateaus.
     step_y = step_x = 1.0
     if upsample > 1:
         uh, uw = (h - 1) * upsample + 1, (w - 1) * upsample + 1
@@ -112,8 +139,7 @@ def find_peaks(response, class_ids, window: int = 3, threshold: str | float = "m
             if any(abs(y - ky) <= window // 2 and abs(x - kx) <= window // 2 for ky, kx in kept):
                 continue  # a plateau: the same maximum seen twice
             kept.append((y, x))
-            peaks.append((c, (x * step_x + 0.5) * sx, (y * step_y + 0.5) * sy,
-                          float(scores[i])))
+            peaks.append((c, x * step_x * sx + 0.5, y * step_y * sy + 0.5, float(scores[i])))
     return peaks
 
 

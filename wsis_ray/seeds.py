@@ -101,23 +101,24 @@ def train_cam(cfg: Config, dataset, run: RunDir, split: str = "train") -> None:
 class _CamPredictor:
     """Ray Data actor: response maps and peaks for a batch of image records."""
 
-    def __init__(self, state_uri: str):
+    def __init__(self, state_uri: str, cam: dict):
         import torch
 
         from wsis_ray.config import BackboneConfig
 
         state = load_state(state_uri)
-        self.cam = state["cam"]
+        self.cam = cam  # peak settings of this run (the network's own are in the state)
         self.model = peaks.CAMNet(BackboneConfig(**state["backbone"]), len(state["classes"]),
-                                  self.cam["pooling"], self.cam["peak_window"])
+                                  state["cam"]["pooling"], state["cam"]["peak_window"])
         self.model.load_state_dict(state["model"])
         self.model.eval()
+        self.size = state["cam"]["image_size"]
         torch.set_grad_enabled(False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         recs = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
         images = [peaks.load_record_image(_plain(r)) for r in recs]
-        responses = peaks.predict_response(self.model, images, self.cam["image_size"])
+        responses = peaks.predict_response(self.model, images, self.size)
         out: dict[str, list] = {k: [] for k in ("image_id", "class_ids", "shape", "response",
                                                 "peaks")}
         c = self.cam
@@ -154,7 +155,8 @@ def cam_outputs(cfg: Config, dataset, run: RunDir, split: str = "train") -> None
     t0 = time.time()
     rows = (ray.data.from_items(_records(dataset))
             .map_batches(_CamPredictor, fn_constructor_kwargs={
-                "state_uri": run.uri_of("seeds/cam/state.pt")},
+                "state_uri": run.uri_of("seeds/cam/state.pt"),
+                "cam": dataclasses.asdict(cfg.cam)},
                 batch_size=16, compute=_actors(cfg))
             .take_all())
     rows.sort(key=lambda r: r["image_id"])
@@ -285,13 +287,14 @@ def train_affinity(cfg: Config, dataset, run: RunDir, split: str = "train") -> N
 class _SemanticPredictor:
     """Ray Data actor: AffinityNet random walk of one batch's CAMs -> label PNG bytes."""
 
-    def __init__(self, state_uri: str):
+    def __init__(self, state_uri: str, walk: dict):
         import torch
 
         from wsis_ray.config import BackboneConfig
 
         state = load_state(state_uri)
-        self.cfg = state["affinity"]
+        # the random walk's settings are this run's; the input size is the network's own
+        self.cfg = {**walk, "image_size": state["affinity"]["image_size"]}
         self.model = affinity.AffinityNet(BackboneConfig(**state["backbone"]))
         self.model.load_state_dict(state["model"])
         self.model.eval()
@@ -334,7 +337,8 @@ def semantic_labels(cfg: Config, dataset, run: RunDir, split: str = "train") -> 
              for r in dataset.records]
     rows = (ray.data.from_items(items)
             .map_batches(_SemanticPredictor, fn_constructor_kwargs={
-                "state_uri": run.uri_of("seeds/affinity/state.pt")},
+                "state_uri": run.uri_of("seeds/affinity/state.pt"),
+                "walk": dataclasses.asdict(cfg.affinity)},
                 batch_size=8, compute=_actors(cfg))
             .take_all())
     for r in rows:
@@ -429,9 +433,7 @@ def figures(cfg: Config, dataset, run: RunDir, gt: dict, split: str) -> dict[str
         target = semantic_gt(x)
         cls = dataset.by_id(i).class_ids
         conf_aff += affinity.confusion(read_semantic(run, i, split), target, n)
-        cam = cv2.resize(np.moveaxis(cams[i], 0, -1), (x.width, x.height),
-                         interpolation=cv2.INTER_LINEAR).reshape(x.height, x.width, -1)
-        cam = np.moveaxis(cam, -1, 0)
+        cam = peaks.resize_maps(cams[i], (x.height, x.width)).numpy()
         for t in CAM_THRESHOLDS:
             conf_cam[t] += affinity.confusion(affinity.cam_threshold_labels(cam, cls, t),
                                               target, n)
@@ -479,6 +481,11 @@ def run_seeds(cfg: Config, run: RunDir, evaluate: bool = True) -> dict[str, Any]
     return metrics
 
 
+def run(cfg: Config, run_dir: str | RunDir, evaluate: bool = True) -> dict[str, Any]:
+    """ARCHITECTURE.md's entry point: `run_seeds` on a run directory path or RunDir."""
+    return run_seeds(cfg, run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir), evaluate)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
@@ -496,10 +503,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    run = RunDir(cfg.run_dir)
-    run.check_config(cfg, force=args.force)
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.check_config(cfg, force=args.force)
     t0 = time.time()
-    metrics = run_seeds(cfg, run, evaluate=not args.no_eval)
+    metrics = run_seeds(cfg, run_dir, evaluate=not args.no_eval)
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     print(json.dumps(metrics), flush=True)
     return metrics
