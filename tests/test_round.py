@@ -68,7 +68,7 @@ def test_rerun_skips_everything(full_run, address):
     proc = subprocess.run(_job(base / "run", base / "data", address), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "[start]" not in proc.stdout and proc.stdout.count("[skip]") >= 10
+    assert "[start]" not in proc.stdout and proc.stdout.count("[skip]") == 8
 
 
 def test_other_config_is_refused(full_run, address):
