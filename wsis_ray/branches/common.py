@@ -106,6 +106,44 @@ class Meter:
         return out
 
 
+class Resumable:
+    """What a branch's checkpoint holds (model, optimizer, scheduler, scaler, step, report
+    history), restored from the last Ray Train checkpoint when there is one and saved with
+    every report, so a replaced worker continues where the last checkpoint left off."""
+
+    def __init__(self, model: nn.Module, opt, sched, scaler):
+        from wsis_ray import train as rt
+
+        self.model, self.opt, self.sched, self.scaler = model, opt, sched, scaler
+        self.step = self.resumed_from = 0
+        self.history: list[dict[str, Any]] = []
+        state = rt.restore()
+        if state is not None:
+            unwrap(model).load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            self.step = self.resumed_from = state["step"]
+            self.history = state["history"]
+
+    def report(self, meter: "Meter", world: int, step: int, steps: int,
+               **extra_state: Any) -> None:
+        """Report the meter's running figures with a checkpoint at `step` (every worker
+        calls it)."""
+        from wsis_ray import train as rt
+
+        self.step = step
+        m = meter.read()
+        m["images_per_s"] *= world
+        metrics = dict(m, step=self.step, steps=steps, lr=self.sched.get_last_lr()[0],
+                       resumed_from=self.resumed_from, threads=torch.get_num_threads())
+        self.history.append(metrics)
+        rt.report(metrics, {
+            "model": unwrap(self.model).state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+            "step": self.step, "history": self.history, **extra_state})
+
+
 def infinite(loader, sampler_epoch_start: int = 0):
     """Iterate a DataLoader forever, advancing a DistributedSampler's epoch each pass."""
     epoch = sampler_epoch_start

@@ -333,7 +333,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     init_trunk (optional Trunk state dict)."""
     import ray.train.torch
     from wsis_ray import train as rt
-    from wsis_ray.branches.common import (Meter, autocast, grad_scaler, infinite,
+    from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler, infinite,
                                           seed_everything, unwrap, warmup_cosine)
     from wsis_ray.config import TrainConfig
 
@@ -358,15 +358,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.steps, min(100, cfg.steps // 10 + 1)))
     scaler = grad_scaler(dev, tc.amp)
-    step, resumed_from, history = 0, 0, []
-    state = rt.restore()
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = resumed_from = state["step"]
-        history = state["history"]
+    ckpt = Resumable(model, opt, sched, scaler)
+    step = ckpt.step
 
     model.train()
     meter = Meter()
@@ -396,15 +389,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   len(images))
         rt.crash_once(config, step)
         if rt.should_checkpoint(step, cfg.steps, tc.checkpoint_every):
-            m = meter.read()
-            m["images_per_s"] *= world
-            metrics = dict(m, step=step, steps=cfg.steps, lr=sched.get_last_lr()[0],
-                           resumed_from=resumed_from, threads=torch.get_num_threads())
-            history.append(metrics)
-            rt.report(metrics, {
-                "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "history": history, "frozen_bn": _is_frozen(unwrap(model))})
+            ckpt.report(meter, world, step, cfg.steps, frozen_bn=_is_frozen(unwrap(model)))
 
 
 def fit_instance(cfg, records, labels_uri: str, classes: list[str], storage_path: str,

@@ -23,7 +23,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from wsis_ray.branches.backbone import Trunk, load_trunk_state, normalize
-from wsis_ray.branches.common import (Meter, autocast, grad_scaler, infinite, load_rgb,
+from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler, infinite, load_rgb,
                                       resize_image, seed_everything, sub_state, unwrap,
                                       warmup_cosine)
 from wsis_ray.config import BackboneConfig, MILConfig, TrainConfig
@@ -189,15 +189,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, mil.steps, min(50, mil.steps // 10 + 1)))
     scaler = grad_scaler(dev, tc.amp)
-    step, resumed_from, history = 0, 0, []
-    state = rt.restore()
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = resumed_from = state["step"]
-        history = state["history"]
+    ckpt = Resumable(model, opt, sched, scaler)
+    step = ckpt.step
 
     model.train()
     meter = Meter()
@@ -217,15 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         meter.add({"loss": loss.item(), "bags": sum(len(b) for b in bags)}, len(images))
         rt.crash_once(config, step)
         if rt.should_checkpoint(step, mil.steps, tc.checkpoint_every):
-            m = meter.read()
-            m["images_per_s"] *= world
-            metrics = dict(m, step=step, steps=mil.steps, lr=sched.get_last_lr()[0],
-                           resumed_from=resumed_from)
-            history.append(metrics)
-            rt.report(metrics, {
-                "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "history": history})
+            ckpt.report(meter, world, step, mil.steps)
 
 
 def fit_mil(cfg, records, proposals_uri: str, bags_uri: str, num_classes: int,
