@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     steps.init_ray(args.address, cfg)
     ctx = steps.Context.open(cfg, run)
-    for name, fn in steps.plan(cfg):
-        steps.run_step(ctx, name, fn)
+    plan = steps.plan(cfg)
+    for i, (name, fn) in enumerate(plan):
+        steps.run_step(ctx, name, fn, remaining=[n for n, _ in plan[i + 1:]])
     print(steps.results_table(ctx))
     print(f"\nrun directory: {run.uri}\nreport: {run.uri}/report.md")
     return 0

@@ -136,3 +136,17 @@ def test_update_makes_next_round_inputs(full_run, ray_session):
         sem = np.asarray(Image.open(base / "run" / "round_1" / "semantic" / f"{rec.image_id}.png"))
         assert sem.shape == (rec.height, rec.width)
         assert set(np.unique(sem)) <= {0} | {c + 1 for c in rec.class_ids}
+
+    # With no confident IS box at all, every class keeps its bags and its semantic labels.
+    cfg = load_config(TINY, [f"run_dir={base / 'run'}", f"data.root={base / 'data'}",
+                             "round.bag_score_threshold=1.01"])
+    ctx = steps.Context.open(cfg, RunDir(cfg.run_dir))
+    _, metrics = steps.update(1, ctx)
+    assert metrics["bags_from_is"] == 0
+    assert pq.read_table(base / "run" / "round_1" / "bags.parquet").num_rows == \
+        pq.read_table(base / "run" / "seeds" / "bags.parquet").num_rows
+    for rec in ctx.train.records:
+        now = np.asarray(Image.open(base / "run" / "round_1" / "semantic" / f"{rec.image_id}.png"))
+        seed = np.asarray(Image.open(base / "run" / "seeds" / "semantic" / f"{rec.image_id}.png"))
+        fg = np.isin(seed, [c + 1 for c in rec.class_ids])
+        assert np.array_equal(now[fg], seed[fg])

@@ -124,12 +124,14 @@ def make_seeds(ctx: Context):
     return [], {k: v for k, v in metrics.items() if k != "seconds"}
 
 
-def run_step(ctx: Context, name: str, fn: Step, total: int | None = None) -> None:
+def run_step(ctx: Context, name: str, fn: Step, remaining: list[str] | None = None) -> None:
+    """Run one step unless committed; print a line with elapsed time and an ETA."""
     run = ctx.run
     if run.is_done(name):
         print(f"[skip] {name} (committed in {run.uri}/manifest.json)", flush=True)
         return
-    print(f"[start] {name}  elapsed {_fmt(time.time() - ctx.started)}", flush=True)
+    print(f"[start] {name}  elapsed {_fmt(time.time() - ctx.started)}"
+          f"{eta(run, [name] + (remaining or []))}", flush=True)
     t0 = time.time()
     artefacts, metrics = fn(ctx)
     seconds = time.time() - t0
@@ -137,6 +139,20 @@ def run_step(ctx: Context, name: str, fn: Step, total: int | None = None) -> Non
     ctx.seconds[name] = seconds
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print(f"[done] {name} in {_fmt(seconds)}  {json.dumps(shown)[:300]}", flush=True)
+
+
+def eta(run: RunDir, todo: list[str]) -> str:
+    """Time left, from the last committed step of the same kind (e.g. round_1/is for
+    round_2/is); empty until every step left has such an estimate."""
+    done = run.manifest()["steps"]
+    total = 0.0
+    for name in todo:
+        kind = name.split("/")[-1]
+        same = [v.get("seconds") for k, v in done.items() if k.split("/")[-1] == kind]
+        if not same or same[-1] is None:
+            return ""
+        total += same[-1]
+    return f"  ETA {_fmt(total)}"
 
 
 def _fmt(s: float) -> str:
@@ -498,6 +514,13 @@ def update(r: int, ctx: Context):
             m = decode_mask(x["segmentation"]["counts"], rec.height, rec.width) & \
                 (x["score"] > best)
             label[m], best[m] = index[x["category_id"]] + 1, x["score"]
+        # A labelled class without a confident IS mask keeps its previous labels (as its
+        # bags do), rather than turning into background.
+        missing = [c for c in rec.class_ids if not any(index[x["category_id"]] == c for x in preds)]
+        if missing:
+            prev = read_label_png(ctx, semantic_dir(ctx, r), rec.image_id)
+            for c in missing:
+                label[(prev == c + 1) & (label == 0)] = c + 1
         buf = io.BytesIO()
         Image.fromarray(label).save(buf, format="PNG")
         ctx.run.write_bytes(f"{rd}/semantic/{rec.image_id}.png", buf.getvalue())
@@ -525,6 +548,14 @@ def update(r: int, ctx: Context):
                        ctx.run.uri_of(f"{rd}/bags.parquet"))
     return [f"{rd}/bags.parquet", f"{rd}/semantic"], {"bags_from_is": kept,
                                                        "bags_kept_from_before": fallback}
+
+
+def read_label_png(ctx: Context, dir_uri: str, image_id: int) -> np.ndarray:
+    from wsis_ray.data.records import resolve_fs
+
+    fs, path = resolve_fs(f"{dir_uri}/{image_id}.png")
+    with fs.open_input_stream(path) as f:
+        return np.asarray(Image.open(io.BytesIO(f.read())))
 
 
 # -- final ---------------------------------------------------------------------------------
