@@ -22,7 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from wsis_ray import stages, steps  # noqa: E402

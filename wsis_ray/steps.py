@@ -11,7 +11,7 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -351,7 +351,6 @@ def refine(r: int, ctx: Context):
     """CCGR on Ray Data: SS score maps -> refined boxes -> pseudo masks (Parquet)."""
     from wsis_ray import stages
     from wsis_ray.data.records import pseudo_labels_to_coco
-    from dataclasses import replace
 
     cfg, rd = ctx.cfg, f"round_{r}"
     boxes = read_table(ctx.run.uri_of(f"{rd}/boxes.parquet"))
