@@ -150,3 +150,50 @@ def test_update_makes_next_round_inputs(full_run, ray_session):
         seed = np.asarray(Image.open(base / "run" / "seeds" / "semantic" / f"{rec.image_id}.png"))
         fg = np.isin(seed, [c + 1 for c in rec.class_ids])
         assert np.array_equal(now[fg], seed[fg])
+
+
+def test_ablation_rows(full_run, ray_session):
+    """round.ablations: the CAM baseline, Table 3's round-1 rows and the fully supervised
+    upper bound run as steps of the same run directory and land in the results table."""
+    import pyarrow.parquet as pq
+
+    from wsis_ray import steps
+    from wsis_ray.config import load_config
+    from wsis_ray.run import RunDir
+
+    base, _ = full_run
+    run = base / "run"
+    cfg = load_config(TINY, [f"run_dir={run}", f"data.root={base / 'data'}",
+                             "round.ablations=true"])
+    names = [n for n, _ in steps.plan(cfg)]
+    assert names.index("round_1/eval") < names.index("baseline_cam/eval") < names.index("final")
+    ctx = steps.Context.open(cfg, RunDir(cfg.run_dir))
+    for name, fn in steps.ablation_steps():
+        steps.run_step(ctx, name, fn)
+    manifest = json.loads((run / "manifest.json").read_text())["steps"]
+    for d in steps.ABLATIONS:
+        assert f"{d}/eval" in manifest and "mAP_r@0.5" in manifest[f"{d}/eval"]["metrics"], d
+
+    # CAM baseline: one instance per val bag, its mask inside its box.
+    bags = pq.read_table(run / "seeds" / "val" / "bags.parquet").num_rows
+    preds = json.loads((run / "baseline_cam" / "predictions.json").read_text())
+    assert len(preds) == bags > 0
+    for p in preds:
+        x, y, w, h = p["bbox"]
+        m = decode_mask(p["segmentation"]["counts"], *p["segmentation"]["size"])
+        ys, xs = np.nonzero(m)
+        assert m.any() and xs.min() >= int(x) and xs.max() < np.ceil(x + w) + 1
+        assert ys.min() >= int(y) and ys.max() < np.ceil(y + h) + 1
+
+    # Det. without CCGR: exactly the round's MIL boxes, unrefined.
+    mil = pq.read_table(run / "round_1" / "boxes.parquet").to_pylist()
+    plain = pq.read_table(run / "table3_no_ccgr" / "pseudo.parquet").to_pylist()
+    assert sorted(map(tuple, (r["box"] for r in mil))) == \
+        sorted(map(tuple, (r["box_after"] for r in plain)))
+    assert {r["stop_reason"] for r in plain} == {"disabled"}
+    # no Det.: boxes from the SS masks, also unrefined.
+    assert all(r["box_after"] == r["box_before"]
+               for r in pq.read_table(run / "table3_no_det" / "pseudo.parquet").to_pylist())
+
+    rows = [line.split("|")[1].strip() for line in steps.results_table(ctx).splitlines()[2:]]
+    assert rows == ["baseline_cam", "round_1", "table3_no_det", "table3_no_ccgr", "full"]

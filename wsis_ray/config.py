@@ -229,6 +229,9 @@ class RoundConfig:
     bag_score_threshold: float = 0.5  # IS boxes at least this confident become next bags
     max_bags_per_class: int = 10  # per image and labelled class, the most confident first
     seed_figures: bool = True  # peak/proposal/bag recall and seed mIoU on val (needs val GT)
+    # Also run the comparison rows in the same run (steps.ABLATIONS): CAM baseline, Table 3's
+    # round-1 "no Det./no CCGR" and "Det. without CCGR", and the fully supervised upper bound.
+    ablations: bool = False
 
 
 @dataclass

@@ -23,8 +23,8 @@ from wsis_ray.config import Config
 from wsis_ray.data.datasets import (ImageLabelDataset, load_eval_dataset, load_image,
                                     load_train_dataset)
 from wsis_ray.data.groundtruth import InstanceGT, load_eval_gt
-from wsis_ray.data.records import (BAGS_SCHEMA, PEAKS_SCHEMA, decode_mask, read_table,
-                                   write_table_atomic)
+from wsis_ray.data.records import (BAGS_SCHEMA, PEAKS_SCHEMA, decode_mask, encode_mask,
+                                   read_table, write_table_atomic)
 from wsis_ray.run import RunDir
 
 Step = Callable[["Context"], tuple[list[str], dict[str, Any]]]
@@ -106,9 +106,39 @@ def plan(cfg: Config) -> list[tuple[str, Step]]:
                   (f"{rd}/eval", functools.partial(evaluate_round, rd))]
         if r < cfg.round.rounds:
             steps += [(f"{rd}/update", functools.partial(update, r))]
+    if cfg.round.ablations:
+        steps += ablation_steps()
     steps += [("final", functools.partial(finalize, f"round_{cfg.round.rounds}")),
               ("report", write_report)]
     return steps
+
+
+# Table 1/3 rows beside the method, in the same run directory (they reuse its seeds and its
+# round-1 MIL boxes and SS branch): name -> what it is.
+ABLATIONS = {
+    "baseline_cam": "CAM baseline: each peak's best Eq. 4 proposal, no other branch (Table 1)",
+    "table3_no_det": "round 1, no Det., no CCGR: boxes from SS mask components (Table 3)",
+    "table3_no_ccgr": "round 1, Det. without CCGR: MIL boxes cropped directly (Table 3)",
+    "full": "fully supervised upper bound: Mask R-CNN on ground-truth masks (Table 1)",
+}
+
+
+def ablation_steps() -> list[tuple[str, Step]]:
+    """round.ablations: the comparison rows, each trained at the method's IS budget."""
+    p = functools.partial
+    return [
+        ("baseline_cam/eval", cam_baseline),
+        ("table3_no_det/boxes", p(boxes_from_masks, 1, rd="table3_no_det")),
+        ("table3_no_det/ccgr", p(refine, 1, rd="table3_no_det", ccgr=False, mask_boxes=True)),
+        ("table3_no_det/is", p(train_is, 1, rd="table3_no_det")),
+        ("table3_no_det/eval", p(evaluate_round, "table3_no_det")),
+        ("table3_no_ccgr/ccgr", p(refine, 1, rd="table3_no_ccgr", boxes_from="round_1",
+                                  ccgr=False, mask_boxes=False)),
+        ("table3_no_ccgr/is", p(train_is, 1, rd="table3_no_ccgr")),
+        ("table3_no_ccgr/eval", p(evaluate_round, "table3_no_ccgr")),
+        ("full/is", train_is_full),
+        ("full/eval", p(evaluate_round, "full")),
+    ]
 
 
 def make_seeds(ctx: Context):
@@ -306,15 +336,17 @@ class SSScoreFn:
         return lambda images, image_ids=None: semseg.predict_scores(model, images, size)
 
 
-def boxes_from_masks(r: int, ctx: Context):
+def boxes_from_masks(r: int, ctx: Context, rd: str | None = None):
     """--no-mil (paper Table 3, first row): without the detection branch, each connected
-    component of a labelled class's SS mask gives a box (its four extreme corners)."""
+    component of a labelled class's SS mask gives a box (its four extreme corners).
+    Written to rd/boxes.parquet (default round_r)."""
     import cv2
 
     from wsis_ray.branches import semseg
 
-    cfg, rd = ctx.cfg, f"round_{r}"
-    state = load_torch(ctx, f"{rd}/ss/state.pt")["model"]
+    cfg = ctx.cfg
+    rd = rd or f"round_{r}"
+    state = load_torch(ctx, f"round_{r}/ss/state.pt")["model"]
     model = semseg.load_model(state, cfg.backbone, cfg.ss, ctx.train.num_classes)
     rows = []
     for i in range(0, len(ctx.train.records), 8):
@@ -347,19 +379,27 @@ def anchors_table(ctx: Context, r: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PEAKS_SCHEMA)
 
 
-def refine(r: int, ctx: Context):
-    """CCGR on Ray Data: SS score maps -> refined boxes -> pseudo masks (Parquet)."""
+def refine(r: int, ctx: Context, rd: str | None = None, boxes_from: str | None = None,
+           ccgr: bool | None = None, mask_boxes: bool | None = None):
+    """CCGR on Ray Data: SS score maps -> refined boxes -> pseudo masks (Parquet).
+
+    rd: where the pseudo labels go (default round_r); boxes_from: whose boxes.parquet to
+    refine (default rd); ccgr / mask_boxes: override round.no_ccgr / round.no_mil (the
+    Table 3 ablations run this step with their own settings)."""
     from wsis_ray import stages
     from wsis_ray.data.records import pseudo_labels_to_coco
 
-    cfg, rd = ctx.cfg, f"round_{r}"
-    boxes = read_table(ctx.run.uri_of(f"{rd}/boxes.parquet"))
-    anchors = (anchors_table(ctx, r) if not cfg.round.no_mil else
+    cfg = ctx.cfg
+    rd = rd or f"round_{r}"
+    ccgr = (not cfg.round.no_ccgr) if ccgr is None else ccgr
+    mask_boxes = cfg.round.no_mil if mask_boxes is None else mask_boxes
+    boxes = read_table(ctx.run.uri_of(f"{boxes_from or rd}/boxes.parquet"))
+    anchors = (anchors_table(ctx, r) if not mask_boxes else
                boxes.select(["image_id", "class_id", "peak_x", "peak_y"])
                .rename_columns(["image_id", "class_id", "x", "y"]))
     rows = stages.image_rows(ctx.train.records, boxes, anchors)
-    ccgr_cfg = replace(cfg.ccgr, enabled=cfg.ccgr.enabled and not cfg.round.no_ccgr)
-    score_fn = SSScoreFn(ctx.run.uri_of(f"{rd}/ss/state.pt"), cfg, ctx.train.num_classes)
+    ccgr_cfg = replace(cfg.ccgr, enabled=cfg.ccgr.enabled and ccgr)
+    score_fn = SSScoreFn(ctx.run.uri_of(f"round_{r}/ss/state.pt"), cfg, ctx.train.num_classes)
     gpus = 1.0 if cfg.train.use_gpu else 0.0
     info = stages.run_refine_stage(rows, score_fn, ccgr_cfg, r, ctx.run.uri_of(f"{rd}/pseudo.parquet"),
                                    min_actors=1, max_actors=max(1, cfg.train.num_workers),
@@ -425,11 +465,12 @@ def pseudo_mask_ap(ctx: Context, table: pa.Table) -> float | None:
     return m["voc"]["mask"]["0.5"]["mean"]
 
 
-def train_is(r: int, ctx: Context):
-    """IS branch (Mask R-CNN) on the round's pseudo instance masks."""
+def train_is(r: int, ctx: Context, rd: str | None = None):
+    """IS branch (Mask R-CNN) on the pseudo instance masks in rd (default round_r)."""
     from wsis_ray.branches import instance
 
-    cfg, rd = ctx.cfg, f"round_{r}"
+    cfg = ctx.cfg
+    rd = rd or f"round_{r}"
     init = load_torch(ctx, f"round_{r - 1}/is/trunk.pt") if r > 1 and cfg.backbone.share_trunk \
         else None
     out = instance.fit_instance(cfg, ctx.train.records, ctx.run.uri_of(f"{rd}/pseudo.parquet"),
@@ -453,6 +494,45 @@ def train_is_full(ctx: Context):
                                 checkpoint_uri=ctx.run.uri_of("full/is/model.pt"),
                                 meta=_meta(ctx, 0))
     return ["full/is/model.pt", "full/gt.parquet"], {"loss": out["metrics"].get("loss")}
+
+
+def cam_baseline(ctx: Context):
+    """Table 1's CAM row (PRM-style, no MIL/SS/IS training): on val, every peak's
+    best-ranked Eq. 4 proposal is an instance, scored by its peak's CAM response; its mask
+    is the part of the box the round-0 semantic labels give the peak's class (the whole
+    box where they give none). Like the seed figures, val images use their image labels."""
+    from wsis_ray import seeds
+    from wsis_ray.evaluate import evaluate, format_table
+
+    labelled = replace(ctx.val, records=[x for x in ctx.val.records if x.class_ids])
+    for step in seeds.SPLIT_STEPS:  # no-ops where the seed figures already made them
+        step(ctx.cfg, labelled, ctx.run, "val")
+    props = seeds.read_proposals(ctx.run.uri_of("seeds/val/proposals.parquet"))
+    bags = seeds.read_bags(ctx.run.uri_of("seeds/val/bags.parquet"))
+    peaks = seeds.read_peaks(ctx.run.uri_of("seeds/val/peaks.parquet"))
+    results = []
+    for rec in labelled.records:
+        label = seeds.read_semantic(ctx.run, rec.image_id, "val")
+        for bag in bags.get(rec.image_id, []):
+            x1, y1, x2, y2 = props[rec.image_id][0][bag.proposal_indices[0]]
+            score = max((p[3] for p in peaks.get(rec.image_id, []) if p[0] == bag.class_id
+                         and abs(p[1] - bag.peak[0]) < 1e-3 and abs(p[2] - bag.peak[1]) < 1e-3),
+                        default=0.0)
+            box = np.zeros(label.shape, bool)
+            box[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
+            mask = box & (label == bag.class_id + 1)
+            results.append({"image_id": rec.image_id,
+                            "category_id": int(ctx.train.category_ids[bag.class_id]),
+                            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                            "score": float(score),
+                            "segmentation": {"size": list(label.shape),
+                                             "counts": encode_mask(mask if mask.any() else box)}})
+    write_json(ctx, "baseline_cam/predictions.json", results)
+    m = evaluate(ctx.val_gt, [x for x in results if x["image_id"] in ctx.val_gt],
+                 ctx.train.category_ids, ctx.train.classes)
+    write_json(ctx, "baseline_cam/metrics.json", m)
+    ctx.run.write_text("baseline_cam/metrics.txt", format_table(m))
+    return ["baseline_cam/predictions.json", "baseline_cam/metrics.json"], dict(m["summary"])
 
 
 def _meta(ctx: Context, r: int) -> dict:
@@ -575,12 +655,14 @@ def finalize(rd: str, ctx: Context):
 
 
 def rounds_done(ctx: Context) -> list[tuple[str, dict]]:
-    out = []
+    """(dir, val metrics) of every evaluated model: the CAM baseline, the rounds in order,
+    then the Table 3 rows and the fully supervised upper bound."""
     steps = ctx.run.manifest()["steps"]
-    for name in sorted(steps):
-        if name.endswith("/eval"):
-            out.append((name.split("/")[0], steps[name]["metrics"]))
-    return out
+    done = [n.split("/")[0] for n in steps if n.endswith("/eval")]
+    order = ["baseline_cam"] + sorted((d for d in done if d.startswith("round_")),
+                                      key=lambda d: int(d.split("_")[1]))
+    order += [d for d in ABLATIONS if d != "baseline_cam"]
+    return [(d, steps[f"{d}/eval"]["metrics"]) for d in order if d in done]
 
 
 def results_table(ctx: Context) -> str:
