@@ -133,12 +133,15 @@ def test_two_objects_one_peak_each_neither_swallows_the_other():
 
 
 def test_peak_rule_stops_at_last_valid_box():
-    # one object with two peaks of its class: growth stops before the box takes the 2nd peak
+    # the paper's literal rule (peak_region 0): one object with two peaks of its class,
+    # growth stops before the box takes the 2nd peak
     s = soft_map(64, 96, [("rect", 8, 16, 88, 48)])
     peaks_xy = torch.tensor([[20.5, 32.5], [60.5, 32.5]])
     zeros = torch.zeros(2, dtype=torch.long)
+    literal = CCGRConfig(peak_region=0.0)
     r = refine(s, torch.tensor([[14.0, 24.0, 28.0, 40.0]]), zeros[:1], zeros[:1],
-               peak_xy=peaks_xy[:1], peaks=(zeros, zeros, peaks_xy), record_every=1)
+               peak_xy=peaks_xy[:1], peaks=(zeros, zeros, peaks_xy), record_every=1,
+               cfg=literal)
     assert r.stop_reason == ["second_peak"]
     assert float(r.boxes[0, 2]) < 60.5
     assert float(r.boxes[0, 2]) > 50.0  # it did grow towards the peak first
@@ -147,9 +150,37 @@ def test_peak_rule_stops_at_last_valid_box():
     assert float(free.boxes[0, 2]) > 80.0
     # a box that already holds another peak is not refined
     r2 = refine(s, torch.tensor([[14.0, 24.0, 70.0, 40.0]]), zeros[:1], zeros[:1],
-                peak_xy=peaks_xy[:1], peaks=(zeros, zeros, peaks_xy))
+                peak_xy=peaks_xy[:1], peaks=(zeros, zeros, peaks_xy), cfg=literal)
     assert r2.stop_reason == ["second_peak"] and int(r2.iterations[0]) == 0
     torch.testing.assert_close(r2.boxes[0], torch.tensor([14.0, 24.0, 70.0, 40.0]))
+
+
+def test_peak_rule_ignores_duplicate_and_background_peaks():
+    """Default rule: a peak joined to the box's own peak by the class region is a duplicate
+    of the same instance, a peak where S is low is no instance; only a peak on another
+    region of the class stops the box."""
+    s = soft_map(64, 160, [("rect", 8, 16, 88, 48), ("rect", 110, 16, 150, 48)])
+    zeros = torch.zeros(1, dtype=torch.long)
+    start, own = torch.tensor([[14.0, 24.0, 28.0, 40.0]]), torch.tensor([[20.5, 32.5]])
+
+    def run(*others):
+        xy = torch.cat([own, torch.tensor(others)])
+        z = torch.zeros(len(xy), dtype=torch.long)
+        return refine(s, start, zeros, zeros, peak_xy=own, peaks=(z, z, xy))
+
+    duplicate = run([60.5, 32.5])                 # same object
+    assert duplicate.stop_reason == ["converged"]
+    assert iou(duplicate.boxes[0], (8, 16, 88, 48)) >= 0.9
+    background = run([60.5, 58.5])                # below the object, S ~ 0 there
+    assert iou(background.boxes[0], (8, 16, 88, 48)) >= 0.9
+    other = run([60.5, 32.5], [98.5, 32.5], [130.5, 32.5])  # + one in the gap, one on obj 2
+    assert iou(other.boxes[0], (8, 16, 88, 48)) >= 0.9      # the gap peak is background
+    # the same peaks under the literal rule stop the box at the duplicate
+    z = torch.zeros(4, dtype=torch.long)
+    xy = torch.tensor([[20.5, 32.5], [60.5, 32.5], [98.5, 32.5], [130.5, 32.5]])
+    literal = refine(s, start, zeros, zeros, peak_xy=own, peaks=(z, z, xy),
+                     cfg=CCGRConfig(peak_region=0.0))
+    assert literal.stop_reason == ["second_peak"] and float(literal.boxes[0, 2]) < 60.5
 
 
 def test_scale_invariance_small_and_large_objects():

@@ -61,6 +61,10 @@ Constraints and stop rules (kept at every step)
   step would make it contain a peak of its class other than its own peak
   (stop_reason "second_peak"). A box that already holds such a peak at the start is not
   refined. Without an own peak (NaN), a box may hold at most one peak of its class.
+  A peak counts as another instance's only if the straight line from the box's own peak
+  to it leaves the class's region (S < peak_region somewhere on it): CAMs give one
+  instance several peaks (1.2-1.6 per instance on the demo), and counting those duplicates
+  stops boxes half-way (peak_region = 0: every peak counts, the paper's literal rule).
 - "converged": every coordinate moved < tol * size for `patience` iterations, or the
   gradient vanished after the box moved; "max_iterations": ran all `iterations`.
 - "degenerate": the box does not overlap its image; it is returned clipped to the image
@@ -458,6 +462,9 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
     sat_flat = sat.reshape(-1)
     base = (row * sat.shape[1] * width1)[:, None]
     others, valid, allowed = _other_peaks(image_index, class_ids, peak_xy, peaks, dev)
+    if cfg.peak_region > 0 and peak_xy is not None and others.shape[1]:
+        valid = valid & ~_same_region(maps, sizes, image_index, class_ids, peak_xy, others,
+                                      cfg.peak_region)
 
     boxes, status = _initial_boxes(boxes, lim, cfg.min_size, others, valid, allowed)
     steps = torch.zeros(n, dtype=torch.long, device=dev)
@@ -551,6 +558,25 @@ def _record_iterations(iterations, record_every, record_at) -> list[int]:
     if record_every:
         rec |= set(range(0, iterations + 1, int(record_every)))
     return sorted(rec)
+
+
+def _same_region(maps, sizes, image_index, class_ids, peak_xy, others, level, samples=32):
+    """(N,K): whether S stays >= level along the straight segment from each box's own peak
+    to each other peak (sampled at `samples` points, nearest pixel), i.e. both peaks lie in
+    one region of the class: the second is a duplicate peak of the same instance, not a
+    second instance. Boxes without an own peak (NaN) get False."""
+    t = torch.linspace(0, 1, samples, dtype=torch.float64, device=maps.device)
+    own = peak_xy.to(torch.float64)[:, None, None, :]
+    pts = own + t[None, None, :, None] * (others[:, :, None, :] - own)  # (N,K,T,2)
+    hw = sizes.to(maps.device)[image_index].to(torch.float64)  # (N,2) = (H, W)
+    x = torch.minimum(pts[..., 0].nan_to_num(0).floor().clamp(min=0), hw[:, None, None, 1] - 1)
+    y = torch.minimum(pts[..., 1].nan_to_num(0).floor().clamp(min=0), hw[:, None, None, 0] - 1)
+    _, c1, h, w = maps.shape
+    plane = (image_index * c1 + class_ids + 1)[:, None, None]
+    s = maps.reshape(-1).index_select(0, ((plane * h + y.long()) * w + x.long())
+                                      .flatten()).view(x.shape)
+    duplicate = (s.amin(-1) >= level) | (s[..., -1] < level)
+    return duplicate & ~torch.isnan(peak_xy).any(1)[:, None]
 
 
 def _too_many_peaks(boxes, others, valid, allowed) -> Tensor:
