@@ -237,6 +237,68 @@ def refine_local(rows: list[dict], make_score_fn: Callable[[], ScoreFn], cfg: CC
     return pa.concat_tables(tables) if tables else PSEUDO_LABEL_SCHEMA.empty_table()
 
 
+class Select:
+    """MIL branch forward on a batch of images -> the best proposal of every bag."""
+
+    def __init__(self, state_uri: str, backbone: dict, mil_cfg: dict, num_classes: int,
+                 num_threads: int | None = None):
+        import io
+
+        from wsis_ray.branches import mil
+        from wsis_ray.config import BackboneConfig, MILConfig
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        fs, path = resolve_fs(state_uri)
+        with fs.open_input_stream(path) as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+        self.cfg = MILConfig(**mil_cfg)
+        self.model = mil.load_model(state["model"], BackboneConfig(**backbone), self.cfg,
+                                    num_classes)
+        if torch.cuda.is_available():
+            self.model = self.model.cuda()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from wsis_ray.branches import mil
+
+        inputs = [json.loads(x) for x in batch["inputs"]]
+        with torch.no_grad():
+            chosen = mil.select_boxes(
+                self.model, [load_image(str(p)) for p in batch["path"]],
+                [np.asarray(x["boxes"], np.float32).reshape(-1, 4) for x in inputs],
+                [[(b, c, np.asarray(idx, np.int64)) for b, c, idx in x["bags"]] for x in inputs],
+                self.cfg.image_size)
+        rows = [json.dumps(dict(c, image_id=int(i), box=[float(v) for v in c["box"]]))
+                for i, image_rows in zip(batch["image_id"], chosen) for c in image_rows]
+        return {"row": np.asarray(rows, dtype=object)}
+
+
+def run_select_stage(records: list[ImageRecord], inputs: dict[int, dict[str, Any]],
+                     state_uri: str, backbone: dict, mil_cfg: dict, num_classes: int, *,
+                     max_actors: int = 2, batch_size: int = 8, num_gpus: float = 0.0,
+                     cpus_per_actor: float = 1.0) -> list[dict]:
+    """One box per bag (the MIL branch's choice) for every record with bags, on a Ray Data
+    actor pool. inputs: `mil.read_mil_inputs(...)`. Rows sorted by (image_id, bag_id)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    items = [{"image_id": r.image_id, "path": r.path, "inputs": json.dumps({
+        "boxes": inputs[r.image_id]["boxes"].tolist(),
+        "bags": [[int(b), int(c), np.asarray(idx).tolist()]
+                 for b, c, idx in inputs[r.image_id]["bags"]]})}
+             for r in records if inputs.get(r.image_id, {}).get("bags")]
+    if not items:
+        return []
+    ds = ray.data.from_items(items).map_batches(
+        Select, fn_constructor_kwargs={"state_uri": state_uri, "backbone": backbone,
+                                       "mil_cfg": mil_cfg, "num_classes": num_classes,
+                                       "num_threads": max(1, int(cpus_per_actor))},
+        batch_size=batch_size, batch_format="numpy", num_gpus=num_gpus, num_cpus=cpus_per_actor,
+        compute=ActorPoolStrategy(min_size=1, max_size=max_actors))
+    rows = [json.loads(r["row"]) for r in ds.take_all()]
+    return sorted(rows, key=lambda r: (r["image_id"], r["bag_id"]))
+
+
 class Predict:
     """IS branch forward pass on a batch of images -> COCO results rows (RLE masks)."""
 

@@ -11,7 +11,7 @@ import io
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -259,7 +259,9 @@ def box_ap(ctx: Context, rows: list[dict], box_key: str = "box") -> float | None
 # -- round steps ---------------------------------------------------------------------------
 
 def train_mil(r: int, ctx: Context):
-    """MIL branch (WSDDN) on the round's bags -> one box per bag (round_r/boxes.parquet)."""
+    """MIL branch (WSDDN) on the round's bags -> one box per bag (round_r/boxes.parquet);
+    the selection runs on a Ray Data actor pool."""
+    from wsis_ray import stages
     from wsis_ray.branches import mil
 
     cfg, rd = ctx.cfg, f"round_{r}"
@@ -268,8 +270,11 @@ def train_mil(r: int, ctx: Context):
                       name=f"{rd}-mil", init_trunk=init_trunk(ctx, r))
     save_torch(ctx, f"{rd}/mil/state.pt", {"model": out["model"]})
     save_torch(ctx, f"{rd}/mil/trunk.pt", out["trunk"])
-    model = mil.load_model(out["model"], cfg.backbone, cfg.mil, ctx.train.num_classes)
-    rows = mil.select_all(model, ctx.train.records, props, bags, cfg.mil.image_size)
+    rows = stages.run_select_stage(
+        ctx.train.records, mil.read_mil_inputs(props, bags), ctx.run.uri_of(f"{rd}/mil/state.pt"),
+        asdict(cfg.backbone), asdict(cfg.mil), ctx.train.num_classes,
+        max_actors=max(1, cfg.train.num_workers), num_gpus=1.0 if cfg.train.use_gpu else 0.0,
+        cpus_per_actor=cfg.train.cpus_per_worker)
     anchors = {(b["image_id"], b["bag_id"]): _anchor(b) for b in read_table(bags).to_pylist()}
     for row in rows:
         row["peak_x"], row["peak_y"] = anchors[(row["image_id"], row["bag_id"])]
