@@ -6,8 +6,9 @@ refines round_r/boxes.parquet (the MIL boxes, with the round's peaks) on
   ss      - the round's SS branch (what the round job did),
   oracle  - the one-hot ground-truth semantic map blurred by a Gaussian (sigma px) and
             renormalised: a "good SS branch" with soft edges,
-each under the default peak rule (ccgr.peak_region), the paper's literal rule
-(peak_region 0) and no peak rule, and prints one JSON line with pseudo-box mAP^b_0.5 on
+each under the paper's peak rule (ccgr.peak_region 0), the region rule (peak_region 0.5:
+duplicate and background peaks ignored) and no peak rule, and prints one JSON line with
+pseudo-box mAP^b_0.5 on
 the training images before (MIL) and after CCGR. If CCGR lifts the MIL boxes on the oracle
 maps but not on the SS maps, the SS branch is what limits it.
 
@@ -88,9 +89,8 @@ def main() -> None:
                                      ctx.train.num_classes)(),
                "oracle": oracle_maps(ctx, args.sigma)}
     out = {"bench": "ccgr_quality", "run_dir": args.run_dir, "round": r, "boxes": boxes.num_rows,
-           "sigma": args.sigma, "peak_region": cfg.ccgr.peak_region}
-    rules = {"default": (cfg.ccgr.peak_region, False), "literal": (0.0, False),
-             "no_peak_rule": (cfg.ccgr.peak_region, True)}
+           "sigma": args.sigma}
+    rules = {"paper_rule": (0.0, False), "region_rule": (0.5, False), "no_peak_rule": (0.0, True)}
     for name, fn in sources.items():
         make = cached(fn, rows)
         for rule, (region, drop) in rules.items():

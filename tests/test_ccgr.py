@@ -138,7 +138,7 @@ def test_peak_rule_stops_at_last_valid_box():
     s = soft_map(64, 96, [("rect", 8, 16, 88, 48)])
     peaks_xy = torch.tensor([[20.5, 32.5], [60.5, 32.5]])
     zeros = torch.zeros(2, dtype=torch.long)
-    literal = CCGRConfig(peak_region=0.0)
+    literal = CCGRConfig()
     r = refine(s, torch.tensor([[14.0, 24.0, 28.0, 40.0]]), zeros[:1], zeros[:1],
                peak_xy=peaks_xy[:1], peaks=(zeros, zeros, peaks_xy), record_every=1,
                cfg=literal)
@@ -156,9 +156,9 @@ def test_peak_rule_stops_at_last_valid_box():
 
 
 def test_peak_rule_ignores_duplicate_and_background_peaks():
-    """Default rule: a peak joined to the box's own peak by the class region is a duplicate
-    of the same instance, a peak where S is low is no instance; only a peak on another
-    region of the class stops the box."""
+    """peak_region > 0: a peak joined to the box's own peak by the class region is a
+    duplicate of the same instance, a peak where S is low is no instance; only a peak on
+    another region of the class stops the box."""
     s = soft_map(64, 160, [("rect", 8, 16, 88, 48), ("rect", 110, 16, 150, 48)])
     zeros = torch.zeros(1, dtype=torch.long)
     start, own = torch.tensor([[14.0, 24.0, 28.0, 40.0]]), torch.tensor([[20.5, 32.5]])
@@ -166,7 +166,8 @@ def test_peak_rule_ignores_duplicate_and_background_peaks():
     def run(*others):
         xy = torch.cat([own, torch.tensor(others)])
         z = torch.zeros(len(xy), dtype=torch.long)
-        return refine(s, start, zeros, zeros, peak_xy=own, peaks=(z, z, xy))
+        return refine(s, start, zeros, zeros, peak_xy=own, peaks=(z, z, xy),
+                      cfg=CCGRConfig(peak_region=0.5))
 
     duplicate = run([60.5, 32.5])                 # same object
     assert duplicate.stop_reason == ["converged"]
@@ -178,8 +179,7 @@ def test_peak_rule_ignores_duplicate_and_background_peaks():
     # the same peaks under the literal rule stop the box at the duplicate
     z = torch.zeros(4, dtype=torch.long)
     xy = torch.tensor([[20.5, 32.5], [60.5, 32.5], [98.5, 32.5], [130.5, 32.5]])
-    literal = refine(s, start, zeros, zeros, peak_xy=own, peaks=(z, z, xy),
-                     cfg=CCGRConfig(peak_region=0.0))
+    literal = refine(s, start, zeros, zeros, peak_xy=own, peaks=(z, z, xy))
     assert literal.stop_reason == ["second_peak"] and float(literal.boxes[0, 2]) < 60.5
 
 

@@ -61,10 +61,11 @@ Constraints and stop rules (kept at every step)
   step would make it contain a peak of its class other than its own peak
   (stop_reason "second_peak"). A box that already holds such a peak at the start is not
   refined. Without an own peak (NaN), a box may hold at most one peak of its class.
-  A peak counts as another instance's only if the straight line from the box's own peak
-  to it leaves the class's region (S < peak_region somewhere on it): CAMs give one
-  instance several peaks (1.2-1.6 per instance on the demo), and counting those duplicates
-  stops boxes half-way (peak_region = 0: every peak counts, the paper's literal rule).
+  With peak_region > 0 (an option; default 0 = the paper's rule) a peak counts only where
+  S >= peak_region at the peak and the straight line from the box's own peak to it leaves
+  the class's region (S < peak_region somewhere on it): CAMs give one instance several
+  peaks (1.2-1.6 per instance on the demo) and put some on background, and each stops a
+  box half-way. It helps on good score maps and hurts on weak ones (README, deviations).
 - "converged": every coordinate moved < tol * size for `patience` iterations, or the
   gradient vanished after the box moved; "max_iterations": ran all `iterations`.
 - "degenerate": the box does not overlap its image; it is returned clipped to the image

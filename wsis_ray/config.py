@@ -167,9 +167,9 @@ class CCGRConfig:
     flat_tol: |dL/dcoord| x size below this counts as no gradient (flat map).
     expand_threshold: a side steps outward while the mean score along it and along the
       context's outer side are both >= this (plateau expansion; see ccgr.py).
-    peak_region: the peak rule ignores a peak of the box's class when the straight line
-      from the box's own peak to it stays at S >= this (same region: a duplicate peak of the
-      same instance); 0 = every peak counts (the paper's literal rule).
+    peak_region: 0 (default) = the paper's peak rule, every other peak of the class counts;
+      > 0 ignores a peak where S < this (no instance there) or joined to the box's own peak
+      by a straight line along which S stays >= this (a duplicate peak of the same instance).
     mask_threshold: a pixel of a refined box joins the pseudo mask where its class wins the
       argmax or scores >= this.
     num_threads: refine() runs with this many torch threads on CPU (restored afterwards):
@@ -188,7 +188,7 @@ class CCGRConfig:
     patience: int = 5
     flat_tol: float = 1e-4
     expand_threshold: float = 0.5
-    peak_region: float = 0.5  # another peak joined to the own peak by S >= this is a duplicate
+    peak_region: float = 0.0  # > 0: a peak joined to the box's own by S >= this is a duplicate
     mask_threshold: float = 0.4
     batch_images: int = 8
     record_every: int = 40  # keep the boxes every k iterations (Fig. 5 curve, Fig. 4 pictures)
