@@ -48,3 +48,21 @@ def test_other_config_is_refused(tmp_path):
     with pytest.raises(RunDirError, match="different config"):
         run.check_config(load_config(None, ["round.rounds=7"]))
     run.check_config(load_config(None, ["round.rounds=7"]), force=True)
+
+
+def test_train_name_follows_config_and_inputs(tmp_path):
+    """A resumed step finds its Ray Train checkpoint only when nothing upstream changed."""
+    run = RunDir(str(tmp_path / "run"))
+    run.check_config(load_config())
+    first = run.train_name("round_1-is")
+    assert first == run.train_name("round_1-is") and first.startswith("round_1-is-")
+    run.write_text("round_1/pseudo.parquet", "labels")
+    run.commit("round_1/ccgr", ["round_1/pseudo.parquet"])
+    after_ccgr = run.train_name("round_1-is")
+    assert after_ccgr != first
+    run.write_text("round_1/pseudo.parquet", "other labels")  # recomputed upstream
+    run.commit("round_1/ccgr", ["round_1/pseudo.parquet"])
+    assert run.train_name("round_1-is") not in (first, after_ccgr)
+    recomputed = run.train_name("round_1-is")
+    run.check_config(load_config(None, ["instance.steps=7"]), force=True)
+    assert run.train_name("round_1-is") != recomputed

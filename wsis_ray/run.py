@@ -107,6 +107,17 @@ class RunDir:
         }
         self.write_text(MANIFEST, json.dumps(m, indent=1))  # no sort_keys: keeps commit order
 
+    def train_name(self, base: str) -> str:
+        """Ray Train run name for a training step: `base` plus a digest of the config and of
+        every committed artefact. A step killed mid-training and rerun on the same inputs
+        resumes its Ray Train checkpoint; after --force with another config, or once an
+        upstream artefact was recomputed, it trains afresh instead of resuming a checkpoint
+        trained on other inputs."""
+        h = hashlib.sha256(self.read_text(CONFIG).encode() if self.exists(CONFIG) else b"")
+        steps = self.manifest()["steps"]
+        h.update(json.dumps({k: v["artefacts"] for k, v in sorted(steps.items())}).encode())
+        return f"{base}-{h.hexdigest()[:10]}"
+
     def _hash(self, rel: str) -> str:
         """sha256 of a file, or of a directory's files (names and contents, sorted)."""
         h = hashlib.sha256()

@@ -88,7 +88,7 @@ def train_cam(cfg: Config, dataset, run: RunDir, split: str = "train") -> None:
         "backbone": dataclasses.asdict(cfg.backbone), "cam": dataclasses.asdict(cfg.cam),
         "seed": cfg.train.seed, "checkpoint_every": cfg.train.checkpoint_every,
     }
-    result = fit(peaks.train_loop_per_worker, loop_config, cfg.train, "seeds-cam",
+    result = fit(peaks.train_loop_per_worker, loop_config, cfg.train, run.train_name("seeds-cam"),
                  _storage(cfg, run))
     state = load_result_state(result)
     _save_state(run, rel, {"model": state["model"], "classes": list(dataset.classes),
@@ -274,8 +274,8 @@ def train_affinity(cfg: Config, dataset, run: RunDir, split: str = "train") -> N
         "affinity": dataclasses.asdict(cfg.affinity), "init_trunk": init,
         "seed": cfg.train.seed, "checkpoint_every": cfg.train.checkpoint_every,
     }
-    result = fit(affinity.train_loop_per_worker, loop_config, cfg.train, "seeds-affinity",
-                 _storage(cfg, run))
+    result = fit(affinity.train_loop_per_worker, loop_config, cfg.train,
+                 run.train_name("seeds-affinity"), _storage(cfg, run))
     state = load_result_state(result)
     _save_state(run, rel, {"model": state["model"], "affinity": dataclasses.asdict(cfg.affinity),
                            "backbone": dataclasses.asdict(cfg.backbone)})
