@@ -68,8 +68,12 @@ def test_ss_trains_on_two_workers_and_recovers_a_killed_worker(ray_session, tmp_
     assert marker.read_text() == "5"  # the worker really died at step 5 ...
     hist = out["history"]
     assert [h["step"] for h in hist] == [2, 4, 6, 8]
-    # ... and the replacement group resumed from the step-4 checkpoint, not from 0
-    assert [h["resumed_from"] for h in hist] == [0, 0, 4, 4]
+    # ... and the replacement group resumed from the last checkpoint committed before the
+    # crash, not from 0: step 4's, or step 2's when rank 1 died before step 4's report was
+    # committed (seen on a quiet machine, where the crash at step 5 comes sooner)
+    resumed = [h["resumed_from"] for h in hist]
+    c = resumed[-1]
+    assert c in (2, 4) and resumed == [0] * (c // 2) + [c] * (4 - c // 2)
     assert hist[-1]["loss"] < hist[0]["loss"]
     model = semseg.load_model(out["model"], cfg.backbone, cfg.ss, 2)
     scores = semseg.predict_scores(model, [load_rgb(r.path) for r in d["records"]], 64)
