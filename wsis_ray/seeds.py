@@ -28,8 +28,8 @@ import numpy as np
 
 from wsis_ray import affinity, bags, peaks, proposals
 from wsis_ray.config import Config, load_config
-from wsis_ray.data.records import (BAGS_SCHEMA, PEAKS_SCHEMA, PROPOSALS_SCHEMA, read_table,
-                                   write_table_atomic)
+from wsis_ray.data.records import (BAGS_SCHEMA, PEAKS_SCHEMA, PROPOSALS_SCHEMA,
+                                   load_torch_state, read_table, write_table_atomic)
 from wsis_ray.run import RunDir
 
 CAM_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.55, 0.05), 2))
@@ -53,17 +53,6 @@ def _save_state(run: RunDir, rel: str, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
     run.write_bytes(rel, buf.getvalue())
-
-
-def load_state(uri: str) -> dict:
-    """A torch state saved in the run directory (local path or object-store URI)."""
-    import torch
-
-    from wsis_ray.data.records import resolve_fs
-
-    fs, path = resolve_fs(uri)
-    with fs.open_input_stream(path) as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
 
 
 def _actors(cfg: Config):
@@ -106,7 +95,7 @@ class _CamPredictor:
 
         from wsis_ray.config import BackboneConfig
 
-        state = load_state(state_uri)
+        state = load_torch_state(state_uri)
         self.cam = cam  # peak settings of this run (the network's own are in the state)
         self.model = peaks.CAMNet(BackboneConfig(**state["backbone"]), len(state["classes"]),
                                   state["cam"]["pooling"], state["cam"]["peak_window"])
@@ -266,7 +255,7 @@ def train_affinity(cfg: Config, dataset, run: RunDir, split: str = "train") -> N
     t0 = time.time()
     init = None
     if cfg.backbone.share_trunk:
-        cam_state = load_state(run.uri_of("seeds/cam/state.pt"))["model"]
+        cam_state = load_torch_state(run.uri_of("seeds/cam/state.pt"))["model"]
         init = {k[len("trunk."):]: v for k, v in cam_state.items() if k.startswith("trunk.")}
     loop_config = {
         "records": _records(dataset), "cams_uri": run.uri_of("seeds/cams.parquet"),
@@ -292,7 +281,7 @@ class _SemanticPredictor:
 
         from wsis_ray.config import BackboneConfig
 
-        state = load_state(state_uri)
+        state = load_torch_state(state_uri)
         # the random walk's settings are this run's; the input size is the network's own
         self.cfg = {**walk, "image_size": state["affinity"]["image_size"]}
         self.model = affinity.AffinityNet(BackboneConfig(**state["backbone"]))

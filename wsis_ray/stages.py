@@ -23,7 +23,8 @@ import torch
 from wsis_ray import ccgr
 from wsis_ray.config import CCGRConfig
 from wsis_ray.data.datasets import load_image
-from wsis_ray.data.records import PSEUDO_LABEL_SCHEMA, ImageRecord, encode_mask, resolve_fs
+from wsis_ray.data.records import (PSEUDO_LABEL_SCHEMA, ImageRecord, encode_mask,
+                                   load_torch_state, resolve_fs)
 
 # (images, image_ids) -> one (C+1, H, W) softmax score map per image
 ScoreFn = Callable[[list[np.ndarray], list[int]], list[np.ndarray]]
@@ -242,16 +243,12 @@ class Select:
 
     def __init__(self, state_uri: str, backbone: dict, mil_cfg: dict, num_classes: int,
                  num_threads: int | None = None):
-        import io
-
         from wsis_ray.branches import mil
         from wsis_ray.config import BackboneConfig, MILConfig
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        fs, path = resolve_fs(state_uri)
-        with fs.open_input_stream(path) as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+        state = load_torch_state(state_uri)
         self.cfg = MILConfig(**mil_cfg)
         self.model = mil.load_model(state["model"], BackboneConfig(**backbone), self.cfg,
                                     num_classes)

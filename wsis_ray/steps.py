@@ -24,7 +24,7 @@ from wsis_ray.data.datasets import (ImageLabelDataset, load_eval_dataset, load_i
                                     load_train_dataset)
 from wsis_ray.data.groundtruth import InstanceGT, load_eval_gt
 from wsis_ray.data.records import (BAGS_SCHEMA, PEAKS_SCHEMA, decode_mask, encode_mask,
-                                   read_table, write_table_atomic)
+                                   load_torch_state, read_table, write_table_atomic)
 from wsis_ray.run import RunDir
 
 Step = Callable[["Context"], tuple[list[str], dict[str, Any]]]
@@ -202,10 +202,7 @@ def save_torch(ctx: Context, rel: str, obj: Any) -> None:
 
 
 def load_torch(ctx: Context, rel: str) -> Any:
-    import torch
-
-    with ctx.run.fs.open_input_stream(ctx.run.path(rel)) as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+    return load_torch_state(ctx.run.uri_of(rel))
 
 
 def write_json(ctx: Context, rel: str, obj: Any) -> None:
@@ -329,11 +326,8 @@ class SSScoreFn:
         import torch
 
         from wsis_ray.branches import semseg
-        from wsis_ray.data.records import resolve_fs
 
-        fs, path = resolve_fs(self.state_uri)
-        with fs.open_input_stream(path) as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+        state = load_torch_state(self.state_uri)
         model = semseg.load_model(state["model"], self.cfg.backbone, self.cfg.ss, self.num_classes)
         if torch.cuda.is_available():
             model = model.cuda()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -96,6 +97,18 @@ def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
         import os
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     return pafs.FileSystem.from_uri(uri)
+
+
+def load_torch_state(uri: str) -> Any:
+    """A torch object saved under a URI (local path or object store), loaded onto the CPU.
+    The run directory holds only what our own jobs wrote, hence weights_only=False."""
+    import io
+
+    import torch
+
+    fs, path = resolve_fs(uri)
+    with fs.open_input_stream(path) as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
 
 
 def write_table_atomic(table: pa.Table, uri: str) -> None:
