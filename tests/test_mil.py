@@ -62,6 +62,31 @@ def test_select_boxes_takes_the_best_proposal_of_the_bag_class():
     assert res[0]["category_id"] == 20 and res[0]["bbox"] == [5.0, 5.0, 15.0, 15.0]
 
 
+def test_select_boxes_runs_only_bag_proposals_and_matches_scoring_all():
+    """select_boxes sends only the proposals some bag holds through the RoI head; the
+    choice and score must equal those from scoring every proposal of the image."""
+    from wsis_ray.config import BackboneConfig
+
+    torch.manual_seed(0)
+    model = mil.WSDDN(BackboneConfig("resnet18", "none"), num_classes=3, hidden=32).eval()
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 40, (12, 2))
+    proposals = np.concatenate([xy, xy + rng.uniform(8, 24, (12, 2))], 1).astype(np.float32)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    bags = [[(0, 2, np.array([9, 3, 7])), (1, 0, np.array([1, 4, 9, 11])),
+             (2, 1, np.array([], np.int64))]]
+    with torch.no_grad():
+        [chosen] = mil.select_boxes(model, [image], [proposals], bags, image_size=64)
+        batch = mil.resize_image(image, 64)[None]
+        [(x_cls, x_det)] = model(batch, [torch.from_numpy(mil.scale_boxes(proposals, 64, 64, 64))])
+    assert [c["bag_id"] for c in chosen] == [0, 1]  # the empty bag gives no box
+    for c, (_, class_id, idx) in zip(chosen, bags[0]):
+        x_b, _ = mil.bag_scores(x_cls[idx], x_det[idx])
+        best = int(x_b[:, class_id].argmax())
+        assert c["box"].tolist() == proposals[idx[best]].tolist()
+        assert c["score"] == pytest.approx(float(x_b[best, class_id]), rel=1e-5)
+
+
 def test_bags_indexing_missing_proposals_is_a_clear_error(tmp_path):
     props = pa.Table.from_pylist([{"image_id": 1, "boxes": [[0, 0, 4, 4]],
                                    "objectness": [1.0]}], PROPOSALS_SCHEMA)
