@@ -76,9 +76,11 @@ Constraints and stop rules (kept at every step)
 All boxes of all images in a call are refined together: one tensor program per iteration
 over the boxes still active; stopped boxes are dropped from the active set at once, and
 the loop ends when none is left. Cost per call: one float64 SAT per (image, class) pair
-used (calls whose SATs exceed 256 MiB run in groups of pairs), then about 140 small tensor
-ops per iteration, so throughput grows with the number of boxes per call; on CPU it runs
-single-threaded by default (cfg.num_threads). Results do not depend on the batching.
+used (calls whose SATs exceed 256 MiB run in groups of pairs; building them is memory-bound),
+then about 100 small tensor ops per iteration (plus views), whose fixed dispatch cost and the
+SAT gather (32 random reads per box) dominate on CPU, so throughput grows with the number of
+boxes per call; on CPU it runs single-threaded by default (cfg.num_threads). Results do not
+depend on the batching.
 
 Pseudo instance masks
 ---------------------
@@ -94,7 +96,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -227,63 +229,93 @@ def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
     return p_xy[order], torch.gather(match, 1, order), allowed
 
 
-def _project(boxes: Tensor, lim: Tensor, min_size: float) -> Tensor:
+class _Geometry(NamedTuple):
+    """Per-box constants of a refine call (rows follow the boxes; `take` keeps some)."""
+    lim: Tensor       # (N,4) W, H, W, H of the box's image
+    cell_max: Tensor  # (N,16) last pixel index for the x of the 8 corners, then their y
+    base: Tensor      # (N,1) float64 offset of the box's SAT in the flat SAT buffer
+    bound: Tensor     # (N,4) upper limits of x1, y1, x2, y2: W - m, H - m, W, H
+    min_wh: Tensor    # (N,2) m: min_size capped by the image size, per axis
+
+    def take(self, k: Tensor) -> "_Geometry":
+        return _Geometry(*(t[k] for t in self))
+
+
+def _geometry(lim: Tensor, row: Tensor, sat_shape, min_size: float) -> _Geometry:
+    m = torch.clamp(lim[:, :2], max=min_size)
+    base = (row * sat_shape[1] * sat_shape[2]).to(torch.float64)[:, None]
+    return _Geometry(lim, (lim[:, :2] - 1).repeat_interleave(8, dim=1), base,
+                     torch.cat([lim[:, :2] - m, lim[:, :2]], 1), m)
+
+
+def _project(boxes: Tensor, geo: _Geometry) -> Tensor:
     """Onto {x1 < x2, y1 < y2, size >= min_size, inside the image} (min_size capped by the
-    image size). boxes (N,4) float64, lim (N,4) = (W, H, W, H) of each box's image."""
-    lim2 = lim[:, :2]
-    m = torch.clamp(lim2, max=min_size)
-    lo = torch.minimum(boxes[:, :2].clamp(min=0), lim2 - m)
-    hi = torch.minimum(boxes[:, 2:].clamp(min=0), lim2)
-    short = hi - lo < m
+    image size). boxes (N,4) float64."""
+    b = torch.minimum(boxes.clamp(min=0), geo.bound)
+    lo, hi = b[:, :2], b[:, 2:]
+    short = hi - lo < geo.min_wh
     if bool(short.any()):
+        m, lim2 = geo.min_wh, geo.lim[:, :2]
         center = torch.minimum(torch.maximum((lo + hi) / 2, m / 2), lim2 - m / 2)
-        lo = torch.where(short, center - m / 2, lo)
-        hi = torch.where(short, center + m / 2, hi)
-    return torch.cat([lo, hi], 1)
+        b = torch.cat([torch.where(short, center - m / 2, lo),
+                       torch.where(short, center + m / 2, hi)], 1)
+    return b
 
 
 _MATS: dict = {}
 
 
 def _mats(scale: float, device, dtype=torch.float64):
-    """Constant matrices that turn Eq. 2-3's per-corner algebra into a few matmuls.
+    """Constants of Eq. 2-3's per-corner algebra, so an iteration is a fixed ~100 small
+    tensor ops whatever the number of boxes (tiny matmuls are kept only where they replace
+    several ops: on CPU a skinny float64 matmul costs as much as ~5 elementwise ops).
     C: B -> B~ (x~1 = a x1 + b x2, x~2 = a x2 + b x1, same in y). Corners of P = [B, B~]
-    (x1,y1,x2,y2 each) in the order TL, TR, BL, BR: xs = P[:, XI], ys = P[:, YI].
-    SUM: corner values -> box sums; D: [d/dx, d/dy at the corners] -> d sum / d sides."""
+    (x1,y1,x2,y2 each) in the order TL, TR, BL, BR: P[:, XY] = their 8 x's, then 8 y's.
+    SIZE: P -> w, h, w~, h~, d A_B / dB (4), d A_B~ / dB~ (4)."""
     key = (scale, device, dtype)
     if key not in _MATS:
         a, b = (1 + scale) / 2, (1 - scale) / 2
         c = torch.zeros(4, 4, dtype=dtype)
         c[0, 0] = c[1, 1] = c[2, 2] = c[3, 3] = a
         c[2, 0] = c[3, 1] = c[0, 2] = c[1, 3] = b
-        xi = torch.tensor([0, 2, 0, 2, 4, 6, 4, 6])
-        yi = torch.tensor([1, 1, 3, 3, 5, 5, 7, 7])
-        corner_sum = torch.zeros(8, 2, dtype=dtype)
-        d = torch.zeros(16, 8, dtype=dtype)
-        size = torch.zeros(8, 4, dtype=dtype)
+        xy = torch.tensor([0, 2, 0, 2, 4, 6, 4, 6, 1, 1, 3, 3, 5, 5, 7, 7])
+        size = torch.zeros(8, 12, dtype=dtype)
         for o in (0, 4):  # B, then B~: corner o+0 TL, o+1 TR, o+2 BL, o+3 BR
-            corner_sum[o:o + 4, o // 4] = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype)
-            d[o + 0, o + 0], d[o + 2, o + 0] = 1, -1            # x1: dx_TL - dx_BL
-            d[o + 3, o + 2], d[o + 1, o + 2] = 1, -1            # x2: dx_BR - dx_TR
-            d[8 + o + 0, o + 1], d[8 + o + 1, o + 1] = 1, -1    # y1: dy_TL - dy_TR
-            d[8 + o + 3, o + 3], d[8 + o + 2, o + 3] = 1, -1    # y2: dy_BR - dy_BL
-            size[o + 0, o // 2], size[o + 2, o // 2] = -1, 1    # w = x2 - x1
-            size[o + 1, o // 2 + 1], size[o + 3, o // 2 + 1] = -1, 1  # h = y2 - y1
+            size[o + 0, o // 2], size[o + 2, o // 2] = -1, 1              # w = x2 - x1
+            size[o + 1, o // 2 + 1], size[o + 3, o // 2 + 1] = -1, 1      # h = y2 - y1
+            d = 4 + o  # d area / d (x1, y1, x2, y2) = (-h, -w, h, w)
+            size[o + 1, d + 0], size[o + 3, d + 0] = 1, -1
+            size[o + 0, d + 1], size[o + 2, d + 1] = 1, -1
+            size[o + 3, d + 2], size[o + 1, d + 2] = 1, -1
+            size[o + 2, d + 3], size[o + 0, d + 3] = 1, -1
         _MATS[key] = dict(
-            C=c.to(device), CT=c.t().contiguous().to(device), XI=xi.to(device),
-            YI=yi.to(device), SUM=corner_sum.to(device), D=d.to(device), SIZE=size.to(device),
-            SIGN=torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=dtype, device=device),
-            HW=torch.tensor([1, 0, 1, 0], device=device),
+            C=c.to(device), CT=c.t().contiguous().to(device), XY=xy.to(device),
+            SIZE=size.to(device), ZERO=torch.zeros(4, dtype=dtype, device=device),
+            CORNER_SIGN=torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype, device=device),
+            SIDE_SIGN=torch.tensor([1.0, 1.0, -1.0, -1.0] * 2, dtype=dtype, device=device),
+            OFF=_CornerOffsets(device),
             OUT=torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device))  # outward step
     return _MATS[key]
+
+
+class _CornerOffsets(dict):
+    """width1 -> flat offsets of a SAT cell's 4 corners (0, 1, width1, width1 + 1)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+
+    def __missing__(self, width1: int) -> Tensor:
+        self[width1] = torch.tensor([0, 1, width1, width1 + 1], device=self.device)
+        return self[width1]
 
 
 def _context(boxes: Tensor, lim: Tensor, mats):
     """Context box B~ (same center, `scale` x size) clipped to the image, and which of its
     sides are not clipped (only those carry gradient)."""
     raw = boxes @ mats["C"]
-    free = torch.cat([raw[:, :2] > 0, raw[:, 2:] < lim[:, 2:]], 1)
-    ctx = torch.cat([raw[:, :2].clamp(min=0), torch.minimum(raw[:, 2:], lim[:, 2:])], 1)
+    ctx = torch.clamp(raw, min=mats["ZERO"], max=lim)  # x~1 <= x1 < W and x~2 >= x2 > 0
+    free = (raw > mats["ZERO"]) & (raw < lim)
     return ctx, free
 
 
@@ -294,74 +326,83 @@ def context_box(box: Sequence[float], height: int, width: int, scale: float = 1.
     return _context(b, lim, _mats(scale, b.device))[0][0].tolist()
 
 
-def _corner_values(sat_flat, base, lim, width1, boxes, ctx, mats):
-    """Bilinearly interpolated SAT at the 8 corners of B and B~ (exactly the integral of the
-    pixel-constant map up to that point) and its x/y derivatives there, each (N,8)."""
-    pts = torch.cat([boxes, ctx], 1)
-    xs, ys = pts.index_select(1, mats["XI"]), pts.index_select(1, mats["YI"])
-    i = torch.minimum(xs.floor(), lim[:, 0:1] - 1).clamp_(min=0)
-    j = torch.minimum(ys.floor(), lim[:, 1:2] - 1).clamp_(min=0)
-    idx = (base + j.long() * width1 + i.long()).unsqueeze(-1)
-    idx = idx + torch.tensor([0, 1, width1, width1 + 1], device=idx.device)
-    c = sat_flat.index_select(0, idx.flatten()).view(idx.shape)  # (N,8,4): I00 I10 I01 I11
-    fx, fy = xs - i, ys - j
-    i00, i10, i01, i11 = c.unbind(-1)
-    d10, d01 = i10 - i00, i01 - i00
-    cross = i11 - i10 - d01
-    dx = d10 + fy * cross
-    val = i00 + fy * d01 + fx * dx
-    dy = d01 + fx * cross
-    return val, dx, dy
+def _corner_values(sat_flat, width1, geo, pts, mats):
+    """Bilinearly interpolated SAT at the 8 corners of P = [B, B~] (exactly the integral of
+    the pixel-constant map up to that point) and its x/y derivatives there, each (N,8)."""
+    xy = pts.index_select(1, mats["XY"])                     # (N,16): 8 x's, then 8 y's
+    cell = torch.minimum(xy.floor(), geo.cell_max).clamp_(min=0)
+    frac = xy - cell
+    cx, cy, fx, fy = cell[:, :8], cell[:, 8:], frac[:, :8], frac[:, 8:]
+    idx = (torch.add(cx, cy, alpha=width1) + geo.base).long().unsqueeze(-1) + mats["OFF"][width1]
+    c = sat_flat.index_select(0, idx.view(-1)).view(idx.shape)  # (N,8,4): I00 I10 I01 I11
+    grad = c[..., 1:3] - c[..., :1]                          # I10 - I00, I01 - I00
+    ix, iy = grad.unbind(-1)
+    ixy = c[..., 3] - c[..., 1] - iy                         # I11 - I10 - I01 + I00
+    dx = torch.addcmul(ix, fy, ixy)
+    dy = torch.addcmul(iy, fx, ixy)
+    return torch.addcmul(torch.addcmul(c[..., 0], fx, ix), fy, dy), dx, dy
 
 
-def _eq3_analytic(sat_flat, base, lim, width1, boxes, mats):
+def _box_sums(val, dx, dy, mats):
+    """From the 8 corners' values and derivatives: the sums over B and B~ (N,2), and
+    d sum_B / d(x1, y1, x2, y2), d sum_B~ / d(x~1, y~1, x~2, y~2) as (N,8)."""
+    n = val.shape[0]
+    sums = (val.view(n, 2, 4) * mats["CORNER_SIGN"]).sum(-1)  # BR - TR - BL + TL
+    # corners (box, top/bottom, left/right): d/dx1 = dx_TL - dx_BL, d/dx2 = dx_BR - dx_TR,
+    # d/dy1 = dy_TL - dy_TR, d/dy2 = dy_BR - dy_BL
+    vx, vy = dx.view(n, 2, 2, 2), dy.view(n, 2, 2, 2)
+    ddx = vx[:, :, 0] - vx[:, :, 1]  # (N,2,2): d/dx1, -d/dx2
+    ddy = vy[..., 0] - vy[..., 1]    # (N,2,2): d/dy1, -d/dy2
+    dsum = torch.stack([ddx, ddy], -1).view(n, 8) * mats["SIDE_SIGN"]
+    return sums, dsum
+
+
+def _eq3_analytic(sat_flat, width1, geo, boxes, mats):
     """L (Eq. 3), dL/d(x1,y1,x2,y2) in closed form, and per side (N,4) the smaller of the
     mean scores along the box's edge and along the context's outer edge (plateau rule)."""
-    ctx, free = _context(boxes, lim, mats)
-    val, dx, dy = _corner_values(sat_flat, base, lim, width1, boxes, ctx, mats)
-    sums = val @ mats["SUM"]                        # (N,2): sum over B, over B~
-    dsum = torch.cat([dx, dy], 1) @ mats["D"]       # (N,8): d sum_B / dB, d sum_B~ / dB~
-    size = torch.cat([boxes, ctx], 1) @ mats["SIZE"]  # (N,4): w, h, w~, h~
-    sign = mats["SIGN"]
-    across = size.index_select(1, mats["HW"])      # h, w, h, w: edge lengths
-    across_t = size[:, 2:].index_select(1, mats["HW"])
-    dab, dat = sign * across, sign * across_t       # d area / d sides
-    # mean S along each side (d sum / d side = +-line integral)
-    edge = torch.minimum(sign * dsum[:, :4] / across, sign * dsum[:, 4:] / across_t)
+    ctx, free = _context(boxes, geo.lim, mats)
+    pts = torch.cat([boxes, ctx], 1)
+    sums, dsum = _box_sums(*_corner_values(sat_flat, width1, geo, pts, mats), mats)
+    dsum_b, dsum_t = dsum[:, :4], dsum[:, 4:]
+    size = pts @ mats["SIZE"]                          # (N,12), see _mats
+    area = size[:, :4].reshape(-1, 2, 2).prod(-1)      # A_B, A_B~
+    dab, dat = size[:, 4:8], size[:, 8:]
+    # mean S along each side (d sum / d side = +-line integral, d area / d side = +-length)
+    edge_means = dsum / size[:, 4:]
+    edge = torch.minimum(edge_means[:, :4], edge_means[:, 4:])
     # chain rule through B~(B), zero where B~ is clipped
-    through = (torch.stack([dsum[:, 4:], dat], 1) * free.unsqueeze(1)) @ mats["CT"]
-    fb, ft = sums[:, 0], sums[:, 1]
-    ab, at = size[:, 0] * size[:, 1], size[:, 2] * size[:, 3]
-    num, den = ft - fb, at - ab
-    dnum, dden = through[:, 0] - dsum[:, :4], through[:, 1] - dab
+    through = torch.stack([dsum_t, dat], 1).mul_(free.unsqueeze(1)) @ mats["CT"]
+    den = area[:, 1] - area[:, 0]
     has_ring = den > 1e-9
-    den = torch.where(has_ring, den, 1.0)
-    num = num * has_ring
-    dphi_c = (dnum * den[:, None] - num[:, None] * dden) / (den * den)[:, None] * has_ring[:, None]
-    dphi_b = (dsum[:, :4] * ab[:, None] - fb[:, None] * dab) / (ab * ab)[:, None]
-    return num / den - fb / ab, dphi_c - dphi_b, edge
+    inv = has_ring / torch.where(has_ring, den, 1.0)   # 1 / A_ring, 0 without a ring
+    phi_c = (sums[:, 1] - sums[:, 0]) * inv
+    dphi_c = torch.addcmul(through[:, 0] - dsum_b, phi_c[:, None], through[:, 1] - dab,
+                           value=-1) * inv[:, None]
+    phi_b = sums[:, 0] / area[:, 0]
+    dphi_b = torch.addcmul(dsum_b, phi_b[:, None], dab, value=-1) / area[:, 0:1]
+    return phi_c - phi_b, dphi_c - dphi_b, edge
 
 
-def _eq3_forward(sat_flat, base, lim, width1, boxes, mats):
+def _eq3_forward(sat_flat, width1, geo, boxes, mats):
     """L (Eq. 3) by plain differentiable tensor ops (for autograd), same maths as above."""
-    ctx, _ = _context(boxes, lim, mats)
-    val, _, _ = _corner_values(sat_flat, base, lim, width1, boxes, ctx, mats)
-    sums = val @ mats["SUM"]
-    size = torch.cat([boxes, ctx], 1) @ mats["SIZE"]
-    ab, at = size[:, 0] * size[:, 1], size[:, 2] * size[:, 3]
-    den = at - ab
+    ctx, _ = _context(boxes, geo.lim, mats)
+    pts = torch.cat([boxes, ctx], 1)
+    val, _, _ = _corner_values(sat_flat, width1, geo, pts, mats)
+    sums = (val.view(-1, 2, 4) * mats["CORNER_SIGN"]).sum(-1)
+    area = (pts @ mats["SIZE"][:, :4]).reshape(-1, 2, 2).prod(-1)
+    den = area[:, 1] - area[:, 0]
     has_ring = den > 1e-9
     phi_c = torch.where(has_ring, (sums[:, 1] - sums[:, 0]) / torch.where(has_ring, den, 1.0), 0.0)
-    return phi_c - sums[:, 0] / ab
+    return phi_c - sums[:, 0] / area[:, 0]
 
 
-def _eq3_autograd(sat_flat, base, lim, width1, boxes, mats):
+def _eq3_autograd(sat_flat, width1, geo, boxes, mats):
     """L and its gradient by autograd; edge means in closed form (not differentiated)."""
     with torch.enable_grad():
         x = boxes.detach().clone().requires_grad_(True)
-        loss = _eq3_forward(sat_flat, base, lim, width1, x, mats)
+        loss = _eq3_forward(sat_flat, width1, geo, x, mats)
         (grad,) = torch.autograd.grad(loss.sum(), x)
-    edge = _eq3_analytic(sat_flat, base, lim, width1, boxes, mats)[2]
+    edge = _eq3_analytic(sat_flat, width1, geo, boxes, mats)[2]
     return loss.detach(), grad, edge
 
 
@@ -461,20 +502,21 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
     sat, row = _summed_area_tables(maps, image_index, class_ids)
     width1 = sat.shape[2]
     sat_flat = sat.reshape(-1)
-    base = (row * sat.shape[1] * width1)[:, None]
+    geo = _geometry(lim, row, sat.shape, cfg.min_size)
     others, valid, allowed = _other_peaks(image_index, class_ids, peak_xy, peaks, dev)
     if cfg.peak_region > 0 and peak_xy is not None and others.shape[1]:
         valid = valid & ~_same_region(maps, sizes, image_index, class_ids, peak_xy, others,
                                       cfg.peak_region)
 
-    boxes, status = _initial_boxes(boxes, lim, cfg.min_size, others, valid, allowed)
+    boxes, status = _initial_boxes(boxes, geo, others, valid, allowed)
     steps = torch.zeros(n, dtype=torch.long, device=dev)
 
     traj = [boxes.clone()] if 0 in rec else []
     rec_set = set(rec)
     # per-box state of the still active boxes only, compacted whenever some stop
     act = torch.nonzero(status == _RUNNING).flatten()
-    state = [boxes[act], lim[act], base[act], others[act], valid[act], allowed[act],
+    a_geo = geo.take(act)
+    state = [boxes[act], others[act], valid[act], allowed[act],
              torch.zeros(act.numel(), 4, dtype=torch.float64, device=dev),  # Adam m
              torch.zeros(act.numel(), 4, dtype=torch.float64, device=dev),  # Adam v
              torch.zeros(act.numel(), dtype=torch.long, device=dev),        # still count
@@ -482,9 +524,9 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
     for t in range(1, cfg.iterations + 1):
         if act.numel() == 0:
             break
-        cur, a_lim, a_base, a_others, a_valid, a_allowed, m, v, still, a_steps = state
-        _, grad, edge = eq3(sat_flat, a_base, a_lim, width1, cur, mats)
-        cand, no_grad, expand, size = _adam_step(cur, grad, edge, m, v, a_lim, t, cfg, mats["OUT"])
+        cur, a_others, a_valid, a_allowed, m, v, still, a_steps = state
+        _, grad, edge = eq3(sat_flat, width1, a_geo, cur, mats)
+        cand, no_grad, expand, size = _adam_step(cur, grad, edge, m, v, a_geo, t, cfg, mats)
         blocked = _too_many_peaks(cand, a_others, a_valid, a_allowed)
         flat = no_grad.all(1) & ~expand.any(1)
         moved = ((cand - cur).abs() / size).amax(1)
@@ -492,7 +534,7 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
         take = ~(blocked | flat)
         cur = torch.where(take[:, None], cand, cur)
         a_steps += take
-        state[0], state[8] = cur, still
+        state[0], state[6] = cur, still
         done = blocked | flat | (still >= cfg.patience)
         any_done = t == cfg.iterations or bool(done.any())
         if any_done or t in rec_set:
@@ -509,42 +551,44 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
             steps[act[done]] = a_steps[done]
             act = act[~done]
             state = [x[~done] for x in state]
+            a_geo = a_geo.take(~done)
     while len(traj) < len(rec):  # the loop ended early: all boxes keep their final box
         traj.append(boxes.clone())
     status[status == _RUNNING] = _MAX_ITER  # only with iterations == 0
 
-    loss = _eq3_analytic(sat_flat, base, lim, width1, boxes, mats)[0]
+    loss = _eq3_analytic(sat_flat, width1, geo, boxes, mats)[0]
     reasons = [STOP_REASONS[int(s)] for s in status.tolist()]
     return RefineResult(boxes.float(), loss.float(), steps, reasons,
                         torch.stack(traj).float() if rec else None, rec)
 
 
-def _initial_boxes(boxes, lim, min_size, others, valid, allowed):
+def _initial_boxes(boxes, geo, others, valid, allowed):
     """Swap inverted coordinates, mark boxes outside their image "degenerate" and boxes that
     already hold a second peak "second_peak", project all onto the constraints."""
     lo, hi = torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])
-    outside = ((lo >= lim[:, :2]) | (hi <= 0)).any(1)
-    boxes = _project(torch.cat([lo, hi], 1), lim, min_size)
+    outside = ((lo >= geo.lim[:, :2]) | (hi <= 0)).any(1)
+    boxes = _project(torch.cat([lo, hi], 1), geo)
     status = torch.full((boxes.shape[0],), _RUNNING, dtype=torch.long, device=boxes.device)
     status[outside] = _DEGENERATE
     status[(status == _RUNNING) & _too_many_peaks(boxes, others, valid, allowed)] = _SECOND_PEAK
     return boxes, status
 
 
-def _adam_step(cur, grad, edge, m, v, lim, t, cfg, outward):
+def _adam_step(cur, grad, edge, m, v, geo, t, cfg, mats):
     """One Adam step in units of the box size (m, v updated in place), with the plateau
     rule, projected onto the constraints. Returns the candidate box, which coordinates
     have no gradient, which sides expand, and the (w, h, w, h) sizes."""
-    size = cur[:, 2:] - cur[:, :2]
-    size = torch.cat([size, size], 1)
+    size = (cur[:, 2:] - cur[:, :2]).repeat(1, 2)
     g = grad * size  # dimensionless: Adam's steps come out in units of the box size
-    m.mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
+    m.lerp_(g, 1 - cfg.beta1)
     v.mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
-    direction = (m / (1 - cfg.beta1 ** t)) / ((v / (1 - cfg.beta2 ** t)).sqrt() + 1e-12)
+    # m^ / (sqrt(v^) + eps) with the bias corrections c1, c2 taken out of the tensors
+    c1, c2 = 1 - cfg.beta1 ** t, math.sqrt(1 - cfg.beta2 ** t)
+    direction = m.div(v.sqrt().add_(1e-12 * c2)).mul_(c2 / c1)
     no_grad = g.abs() < cfg.flat_tol
     expand = edge >= cfg.expand_threshold
-    direction = torch.where(expand, outward, direction.masked_fill(no_grad, 0.0))
-    cand = _project(cur - _step_size(cfg, t) * direction * size, lim, cfg.min_size)
+    direction = torch.where(expand, mats["OUT"], direction.masked_fill_(no_grad, 0.0))
+    cand = _project(torch.addcmul(cur, direction, size, value=-_step_size(cfg, t)), geo)
     return cand, no_grad, expand, size
 
 
@@ -621,8 +665,8 @@ def eq3_loss(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tens
     class_ids = torch.as_tensor(class_ids).long().reshape(-1)
     sat, row = _summed_area_tables(maps, image_index, class_ids)
     lim = sizes[image_index].flip(1).repeat(1, 2).to(torch.float64)
-    loss, grad, _ = _eq3_analytic(sat.reshape(-1), (row * sat.shape[1] * sat.shape[2])[:, None],
-                                  lim, sat.shape[2], boxes, _mats(context_scale, boxes.device))
+    loss, grad, _ = _eq3_analytic(sat.reshape(-1), sat.shape[2], _geometry(lim, row, sat.shape, 0),
+                                  boxes, _mats(context_scale, boxes.device))
     return (loss, grad) if with_grad else loss
 
 
