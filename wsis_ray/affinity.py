@@ -318,7 +318,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             opt.step()
             step += 1
             if step % every == 0 or step == cfg["steps"]:
-                rt.report({"step": step, "loss": float(loss), **parts},
+                rt.report({"step": step, "steps": cfg["steps"], "loss": float(loss), **parts},
                           {"model": inner.state_dict(), "optimizer": opt.state_dict(),
                            "step": step, "epoch": epoch + 1})
             if step >= cfg["steps"]:

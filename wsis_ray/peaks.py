@@ -262,7 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             opt.step()
             step += 1
             if step % every == 0 or step == cam["steps"]:
-                rt.report({"step": step, "loss": float(loss)},
+                rt.report({"step": step, "steps": cam["steps"], "loss": float(loss)},
                           {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                            "step": step, "epoch": epoch + 1})
             if step >= cam["steps"]:
