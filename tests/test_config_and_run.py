@@ -66,3 +66,29 @@ def test_train_name_follows_config_and_inputs(tmp_path):
     recomputed = run.train_name("round_1-is")
     run.check_config(load_config(None, ["instance.steps=7"]), force=True)
     assert run.train_name("round_1-is") != recomputed
+
+
+def test_later_rounds_judge_is_box_anchors_by_the_region_rule(tmp_path):
+    """Round 1 (PRM peaks) keeps ccgr.peak_region; a round whose bags come from IS boxes
+    (null peak) uses ccgr.anchor_region; --no-mil keeps peak_region."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from wsis_ray.data.records import BAGS_SCHEMA, write_table_atomic
+    from wsis_ray.steps import round_ccgr_config
+
+    cfg = load_config(None, ["ccgr.peak_region=0.0", "ccgr.anchor_region=0.4"])
+    run = RunDir(str(tmp_path / "run"))
+    ctx = SimpleNamespace(cfg=cfg, run=run)
+    peak = {"image_id": 1, "bag_id": 0, "class_id": 0, "peak_x": 3.0, "peak_y": 4.0,
+            "source_box": None, "proposal_indices": [0]}
+    from_is = dict(peak, bag_id=1, peak_x=None, peak_y=None, source_box=[0.0, 0.0, 8.0, 8.0])
+    write_table_atomic(pa.Table.from_pylist([peak], schema=BAGS_SCHEMA),
+                       run.uri_of("round_1/bags.parquet"))
+    write_table_atomic(pa.Table.from_pylist([peak, from_is], schema=BAGS_SCHEMA),
+                       run.uri_of("round_2/bags.parquet"))
+    assert round_ccgr_config(ctx, 1).peak_region == 0.0
+    assert round_ccgr_config(ctx, 2).peak_region == 0.0   # round_1's bags: all peaks
+    assert round_ccgr_config(ctx, 3).peak_region == 0.4   # round_2's bags: some from IS
+    assert round_ccgr_config(ctx, 3, mask_boxes=True).peak_region == 0.0

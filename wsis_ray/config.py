@@ -170,6 +170,12 @@ class CCGRConfig:
     peak_region: 0 (default) = the paper's peak rule, every other peak of the class counts;
       > 0 ignores a peak where S < this (no instance there) or joined to the box's own peak
       by a straight line along which S stays >= this (a duplicate peak of the same instance).
+    anchor_region: the peak_region used in rounds whose bags come from IS boxes (their
+      anchor is the box centre, and the IS branch gives an object several boxes, hence
+      several anchors); 0 = the paper's rule as for peaks. Measured on round 2 of
+      configs/results.yaml (bench/ccgr_quality.py): with the paper's rule 2,661 of 3,755
+      boxes stop on another anchor of the same object and CCGR lowers pseudo-box mAP^b_0.5
+      (5.9 -> 5.6; oracle maps 21.4), with 0.5 it raises it (5.9 -> 7.9; oracle maps 41.3).
     mask_threshold: a pixel of a refined box joins the pseudo mask where its class wins the
       argmax or scores >= this.
     num_threads: refine() runs with this many torch threads on CPU (restored afterwards):
@@ -189,6 +195,7 @@ class CCGRConfig:
     flat_tol: float = 1e-4
     expand_threshold: float = 0.5
     peak_region: float = 0.0  # > 0: a peak joined to the box's own by S >= this is a duplicate
+    anchor_region: float = 0.5  # peak_region for rounds whose bags come from IS boxes
     mask_threshold: float = 0.4
     batch_images: int = 8
     record_every: int = 40  # keep the boxes every k iterations (Fig. 5 curve, Fig. 4 pictures)

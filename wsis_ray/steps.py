@@ -382,6 +382,18 @@ def anchors_table(ctx: Context, r: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PEAKS_SCHEMA)
 
 
+def round_ccgr_config(ctx: Context, r: int, mask_boxes: bool = False):
+    """cfg.ccgr for round r: where some bag of the round comes from an IS box (anchor = its
+    centre, several per object), other anchors are judged by the region rule at
+    ccgr.anchor_region; rounds of PRM peaks (round 1, or no confident IS box) and --no-mil
+    keep ccgr.peak_region."""
+    cfg = ctx.cfg.ccgr
+    if mask_boxes or r < 2:
+        return cfg
+    peak_x = read_table(bags_uri(ctx, r)).column("peak_x")
+    return replace(cfg, peak_region=cfg.anchor_region) if peak_x.null_count else cfg
+
+
 def refine(r: int, ctx: Context, rd: str | None = None, boxes_from: str | None = None,
            ccgr: bool | None = None, mask_boxes: bool | None = None):
     """CCGR on Ray Data: SS score maps -> refined boxes -> pseudo masks (Parquet).
@@ -401,7 +413,7 @@ def refine(r: int, ctx: Context, rd: str | None = None, boxes_from: str | None =
                boxes.select(["image_id", "class_id", "peak_x", "peak_y"])
                .rename_columns(["image_id", "class_id", "x", "y"]))
     rows = stages.image_rows(ctx.train.records, boxes, anchors)
-    ccgr_cfg = replace(cfg.ccgr, enabled=cfg.ccgr.enabled and ccgr)
+    ccgr_cfg = replace(round_ccgr_config(ctx, r, mask_boxes), enabled=cfg.ccgr.enabled and ccgr)
     score_fn = SSScoreFn(ctx.run.uri_of(f"round_{r}/ss/state.pt"), cfg, ctx.train.num_classes)
     gpus = 1.0 if cfg.train.use_gpu else 0.0
     info = stages.run_refine_stage(rows, score_fn, ccgr_cfg, r, ctx.run.uri_of(f"{rd}/pseudo.parquet"),
@@ -743,7 +755,8 @@ def ccgr_pictures(ctx: Context, count: int = 3) -> list[str]:
                 [a["peak_x"], a["peak_y"]] for a in anchors
                 if a["image_id"] == iid and a["class_id"] == first["class_id"] and a is not first]
             files = viz.ccgr_pictures(image, scores, first["box"], first["class_id"], tmp,
-                                      stem=f"ccgr_{iid}", cfg=ctx.cfg.ccgr, peaks_xy=peaks)
+                                      stem=f"ccgr_{iid}", cfg=round_ccgr_config(ctx, r),
+                                      peaks_xy=peaks)
             for path in files.values():
                 rel = f"{rd}/pictures/{Path(path).name}"
                 ctx.run.write_bytes(rel, Path(path).read_bytes())
