@@ -93,6 +93,7 @@ max(|x - cx| / (w / 2), |y - cy| / (h / 2)), ties to the smaller box, then the l
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -293,21 +294,14 @@ def _mats(scale: float, device, dtype=torch.float64):
             SIZE=size.to(device), ZERO=torch.zeros(4, dtype=dtype, device=device),
             CORNER_SIGN=torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype, device=device),
             SIDE_SIGN=torch.tensor([1.0, 1.0, -1.0, -1.0] * 2, dtype=dtype, device=device),
-            OFF=_CornerOffsets(device),
             OUT=torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device))  # outward step
     return _MATS[key]
 
 
-class _CornerOffsets(dict):
-    """width1 -> flat offsets of a SAT cell's 4 corners (0, 1, width1, width1 + 1)."""
-
-    def __init__(self, device):
-        super().__init__()
-        self.device = device
-
-    def __missing__(self, width1: int) -> Tensor:
-        self[width1] = torch.tensor([0, 1, width1, width1 + 1], device=self.device)
-        return self[width1]
+@functools.lru_cache(maxsize=16)
+def _corner_offsets(width1: int, device) -> Tensor:
+    """Flat offsets of a SAT cell's 4 corners (I00, I10, I01, I11) for rows of width1."""
+    return torch.tensor([0, 1, width1, width1 + 1], device=device)
 
 
 def _context(boxes: Tensor, lim: Tensor, mats):
@@ -333,7 +327,8 @@ def _corner_values(sat_flat, width1, geo, pts, mats):
     cell = torch.minimum(xy.floor(), geo.cell_max).clamp_(min=0)
     frac = xy - cell
     cx, cy, fx, fy = cell[:, :8], cell[:, 8:], frac[:, :8], frac[:, 8:]
-    idx = (torch.add(cx, cy, alpha=width1) + geo.base).long().unsqueeze(-1) + mats["OFF"][width1]
+    idx = (torch.add(cx, cy, alpha=width1) + geo.base).long().unsqueeze(-1) \
+        + _corner_offsets(width1, xy.device)
     c = sat_flat.index_select(0, idx.view(-1)).view(idx.shape)  # (N,8,4): I00 I10 I01 I11
     grad = c[..., 1:3] - c[..., :1]                          # I10 - I00, I01 - I00
     ix, iy = grad.unbind(-1)
