@@ -755,7 +755,8 @@ def ccgr_pictures(ctx: Context, count: int = 3) -> list[str]:
                 [a["peak_x"], a["peak_y"]] for a in anchors
                 if a["image_id"] == iid and a["class_id"] == first["class_id"] and a is not first]
             files = viz.ccgr_pictures(image, scores, first["box"], first["class_id"], tmp,
-                                      stem=f"ccgr_{iid}", cfg=round_ccgr_config(ctx, r),
+                                      stem=f"ccgr_{iid}",
+                                      cfg=round_ccgr_config(ctx, r, ctx.cfg.round.no_mil),
                                       peaks_xy=peaks)
             for path in files.values():
                 rel = f"{rd}/pictures/{Path(path).name}"
