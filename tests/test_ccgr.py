@@ -234,6 +234,21 @@ def test_batched_equals_each_box_alone():
     assert batched.trajectory_iterations == [0, 40, 80, 120, 160, 200]
 
 
+def test_summed_area_tables_built_in_blocks_match_a_direct_cumulative_sum(monkeypatch):
+    import wsis_ray.ccgr as ccgr
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 4, 9, 7, generator=g)  # 3 images, 3 classes + background
+    ii, cc = torch.tensor([2, 0, 2, 1, 0]), torch.tensor([1, 2, 1, 0, 0])
+    for block_bytes in (1, 10 * 8 * 8 * 2, 2 ** 30):  # one plane, two planes, all at once
+        monkeypatch.setattr(ccgr, "_SAT_BLOCK_BYTES", block_bytes)
+        sat, row = ccgr._summed_area_tables(maps, ii, cc)
+        assert sat.shape == (4, 10, 8)  # the distinct (image, class) pairs
+        for k in range(5):
+            want = maps[ii[k], cc[k] + 1].double().cumsum(0).cumsum(1)
+            assert torch.equal(sat[row[k], 1:, 1:], want)
+            assert not sat[row[k], 0].any() and not sat[row[k], :, 0].any()
+
+
 def test_chunked_summed_area_tables_give_the_same_result(monkeypatch):
     import wsis_ray.ccgr as ccgr
     maps = torch.cat([soft_map(48, 48, [("rect", 8, 8, 30, 34)]),

@@ -75,12 +75,13 @@ Constraints and stop rules (kept at every step)
 
 All boxes of all images in a call are refined together: one tensor program per iteration
 over the boxes still active; stopped boxes are dropped from the active set at once, and
-the loop ends when none is left. Cost per call: one float64 SAT per (image, class) pair
-used (calls whose SATs exceed 256 MiB run in groups of pairs; building them is memory-bound),
-then about 100 small tensor ops per iteration (plus views), whose fixed dispatch cost and the
-SAT gather (32 random reads per box) dominate on CPU, so throughput grows with the number of
-boxes per call; on CPU it runs single-threaded by default (cfg.num_threads). Results do not
-depend on the batching.
+the loop ends when none is left. Per-box state is laid out box-last, (2, 2, N) = (lo/hi
+corner, x/y, box), so every op runs over contiguous rows of N values. Cost per call: one
+float64 SAT per (image, class) pair used (built in cache-sized blocks; calls whose SATs
+exceed 256 MiB run in groups of pairs), then about 100 small tensor ops per iteration, whose
+fixed dispatch cost and the SAT gather (32 reads per box) dominate on CPU, so throughput
+grows with the number of boxes per call; on CPU it runs single-threaded by default
+(cfg.num_threads). Results do not depend on the batching.
 
 Pseudo instance masks
 ---------------------
@@ -192,7 +193,10 @@ def _sat_buffer(numel: int, device: torch.device) -> Tensor:
 
 def _summed_area_tables(scores: Tensor, image_index: Tensor, class_ids: Tensor):
     """SATs (U, H+1, W+1) float64 for the (image, class) pairs the boxes use, and each box's
-    row in them. float64 keeps box sums exact enough for the flat-map test (flat_tol)."""
+    row in them. float64 keeps box sums exact enough for the flat-map test (flat_tol).
+    Built in blocks of pairs that fit in a core's L2 cache (one copy and two cumulative
+    sums per block): whole-buffer passes over a 100+ MiB SAT are memory-bound and took
+    twice as long."""
     n_cls = scores.shape[1] - 1
     pair = image_index * n_cls + class_ids
     uniq, inverse = torch.unique(pair, return_inverse=True)
@@ -200,12 +204,18 @@ def _summed_area_tables(scores: Tensor, image_index: Tensor, class_ids: Tensor):
     sat = _sat_buffer(u * (h + 1) * (w + 1), scores.device).view(u, h + 1, w + 1)
     sat[:, 0] = 0
     sat[:, :, 0] = 0
-    inner = sat[:, 1:, 1:]
-    inner.copy_(scores[uniq // n_cls, uniq % n_cls + 1])
-    inner.cumsum_(2)
-    for j in range(1, h):  # row by row: much faster than cumsum over a strided dim on CPU
-        sat[:, j + 1].add_(sat[:, j])
+    planes = scores.reshape(-1, h, w)
+    src = (uniq // n_cls) * (n_cls + 1) + uniq % n_cls + 1  # plane of (image, class + 1)
+    step = max(1, _SAT_BLOCK_BYTES // ((h + 1) * (w + 1) * 8))
+    for k in range(0, u, step):
+        inner = sat[k:k + step, 1:, 1:]
+        inner.copy_(planes.index_select(0, src[k:k + step]))
+        inner.cumsum_(2)
+        inner.cumsum_(1)
     return sat, inverse
+
+
+_SAT_BLOCK_BYTES = 4 * 2 ** 20
 
 
 def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
@@ -230,36 +240,52 @@ def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
     return p_xy[order], torch.gather(match, 1, order), allowed
 
 
+# Inside the engine every per-box quantity is laid out box-last ("structure of arrays"):
+# a box is (2, 2, N) = (lo/hi corner, x/y, box), so each coordinate is one contiguous row
+# of N values. Slices, stacks and broadcasts then touch whole rows; with boxes-first
+# (N, 4) tensors the same algebra needed strided copies (index_select along dim 1, repeat)
+# that cost 10x an elementwise op on CPU.
+
+
+def _soa(boxes: Tensor) -> Tensor:
+    """(N,4) [x1, y1, x2, y2] -> (2,2,N) [lo/hi][x/y]."""
+    return boxes.t().contiguous().view(2, 2, -1)
+
+
+def _aos(boxes: Tensor) -> Tensor:
+    """(..., 2,2,N) -> (..., N,4)."""
+    return boxes.reshape(*boxes.shape[:-3], 4, boxes.shape[-1]).transpose(-1, -2).contiguous()
+
+
 class _Geometry(NamedTuple):
-    """Per-box constants of a refine call (rows follow the boxes; `take` keeps some)."""
-    lim: Tensor       # (N,4) W, H, W, H of the box's image
-    cell_max: Tensor  # (N,16) last pixel index for the x of the 8 corners, then their y
-    base: Tensor      # (N,1) float64 offset of the box's SAT in the flat SAT buffer
-    bound: Tensor     # (N,4) upper limits of x1, y1, x2, y2: W - m, H - m, W, H
-    min_wh: Tensor    # (N,2) m: min_size capped by the image size, per axis
+    """Per-box constants of a refine call (the last dim follows the boxes; `take` keeps
+    some)."""
+    lim: Tensor       # (2,N) W, H of the box's image
+    base: Tensor      # (N,) float64 offset of the box's SAT in the flat SAT buffer
+    bound: Tensor     # (2,2,N) upper limits of (x1, y1), (x2, y2): W - m, H - m, W, H
+    min_wh: Tensor    # (2,N) m: min_size capped by the image size, per axis
 
     def take(self, k: Tensor) -> "_Geometry":
-        return _Geometry(*(t[k] for t in self))
+        return _Geometry(*(t[..., k] for t in self))
 
 
 def _geometry(lim: Tensor, row: Tensor, sat_shape, min_size: float) -> _Geometry:
-    m = torch.clamp(lim[:, :2], max=min_size)
-    base = (row * sat_shape[1] * sat_shape[2]).to(torch.float64)[:, None]
-    return _Geometry(lim, (lim[:, :2] - 1).repeat_interleave(8, dim=1), base,
-                     torch.cat([lim[:, :2] - m, lim[:, :2]], 1), m)
+    m = torch.clamp(lim, max=min_size)
+    base = (row * sat_shape[1] * sat_shape[2]).to(torch.float64)
+    return _Geometry(lim, base, torch.stack([lim - m, lim]), m)
 
 
 def _project(boxes: Tensor, geo: _Geometry) -> Tensor:
     """Onto {x1 < x2, y1 < y2, size >= min_size, inside the image} (min_size capped by the
-    image size). boxes (N,4) float64."""
+    image size). boxes (2,2,N) float64."""
     b = torch.minimum(boxes.clamp(min=0), geo.bound)
-    lo, hi = b[:, :2], b[:, 2:]
+    lo, hi = b[0], b[1]
     short = hi - lo < geo.min_wh
     if bool(short.any()):
-        m, lim2 = geo.min_wh, geo.lim[:, :2]
-        center = torch.minimum(torch.maximum((lo + hi) / 2, m / 2), lim2 - m / 2)
-        b = torch.cat([torch.where(short, center - m / 2, lo),
-                       torch.where(short, center + m / 2, hi)], 1)
+        m = geo.min_wh
+        center = torch.minimum(torch.maximum((lo + hi) / 2, m / 2), geo.lim - m / 2)
+        b = torch.stack([torch.where(short, center - m / 2, lo),
+                         torch.where(short, center + m / 2, hi)])
     return b
 
 
@@ -267,128 +293,108 @@ _MATS: dict = {}
 
 
 def _mats(scale: float, device, dtype=torch.float64):
-    """Constants of Eq. 2-3's per-corner algebra, so an iteration is a fixed ~100 small
-    tensor ops whatever the number of boxes (tiny matmuls are kept only where they replace
-    several ops: on CPU a skinny float64 matmul costs as much as ~5 elementwise ops).
-    C: B -> B~ (x~1 = a x1 + b x2, x~2 = a x2 + b x1, same in y). Corners of P = [B, B~]
-    (x1,y1,x2,y2 each) in the order TL, TR, BL, BR: P[:, XY] = their 8 x's, then 8 y's.
-    SIZE: P -> w, h, w~, h~, d A_B / dB (4), d A_B~ / dB~ (4)."""
+    """Constants of Eq. 2-3's per-corner algebra. C: (lo, hi) of B -> of B~ along each
+    axis (x~1 = a x1 + b x2, x~2 = b x1 + a x2; symmetric, so it also maps gradients back).
+    SIGN: +1 for the lo corner, -1 for the hi corner (a side moves outward along -SIGN);
+    AREA_SIGN = -SIGN: the sign of d area / d side."""
     key = (scale, device, dtype)
     if key not in _MATS:
         a, b = (1 + scale) / 2, (1 - scale) / 2
-        c = torch.zeros(4, 4, dtype=dtype)
-        c[0, 0] = c[1, 1] = c[2, 2] = c[3, 3] = a
-        c[2, 0] = c[3, 1] = c[0, 2] = c[1, 3] = b
-        xy = torch.tensor([0, 2, 0, 2, 4, 6, 4, 6, 1, 1, 3, 3, 5, 5, 7, 7])
-        size = torch.zeros(8, 12, dtype=dtype)
-        for o in (0, 4):  # B, then B~: corner o+0 TL, o+1 TR, o+2 BL, o+3 BR
-            size[o + 0, o // 2], size[o + 2, o // 2] = -1, 1              # w = x2 - x1
-            size[o + 1, o // 2 + 1], size[o + 3, o // 2 + 1] = -1, 1      # h = y2 - y1
-            d = 4 + o  # d area / d (x1, y1, x2, y2) = (-h, -w, h, w)
-            size[o + 1, d + 0], size[o + 3, d + 0] = 1, -1
-            size[o + 0, d + 1], size[o + 2, d + 1] = 1, -1
-            size[o + 3, d + 2], size[o + 1, d + 2] = 1, -1
-            size[o + 2, d + 3], size[o + 0, d + 3] = 1, -1
         _MATS[key] = dict(
-            C=c.to(device), CT=c.t().contiguous().to(device), XY=xy.to(device),
-            SIZE=size.to(device), ZERO=torch.zeros(4, dtype=dtype, device=device),
-            CORNER_SIGN=torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype, device=device),
-            SIDE_SIGN=torch.tensor([1.0, 1.0, -1.0, -1.0] * 2, dtype=dtype, device=device),
-            OUT=torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device))  # outward step
+            C=torch.tensor([[a, b], [b, a]], dtype=dtype, device=device),
+            SIGN=torch.tensor([1.0, -1.0], dtype=dtype, device=device).view(2, 1, 1),
+            AREA_SIGN=torch.tensor([-1.0, 1.0], dtype=dtype, device=device).view(2, 1, 1))
     return _MATS[key]
 
 
 @functools.lru_cache(maxsize=16)
 def _corner_offsets(width1: int, device) -> Tensor:
-    """Flat offsets of a SAT cell's 4 corners (I00, I10, I01, I11) for rows of width1."""
-    return torch.tensor([0, 1, width1, width1 + 1], device=device)
+    """Flat offsets of a SAT cell's 4 corners (I00, I10, I01, I11) for rows of width1,
+    shaped to broadcast over (box, y lo/hi, x lo/hi, N) corner indices."""
+    return torch.tensor([0, 1, width1, width1 + 1], device=device).view(4, 1, 1, 1, 1)
 
 
 def _context(boxes: Tensor, lim: Tensor, mats):
     """Context box B~ (same center, `scale` x size) clipped to the image, and which of its
-    sides are not clipped (only those carry gradient)."""
-    raw = boxes @ mats["C"]
-    ctx = torch.clamp(raw, min=mats["ZERO"], max=lim)  # x~1 <= x1 < W and x~2 >= x2 > 0
-    free = (raw > mats["ZERO"]) & (raw < lim)
+    sides are not clipped (only those carry gradient). boxes (2,2,N)."""
+    raw = (mats["C"] @ boxes.reshape(2, -1)).view(boxes.shape)
+    ctx = torch.minimum(raw.clamp(min=0), lim)  # x~1 <= x1 < W and x~2 >= x2 > 0
+    free = (raw > 0) & (raw < lim)
     return ctx, free
 
 
 def context_box(box: Sequence[float], height: int, width: int, scale: float = 1.5) -> list[float]:
     """The context box B~ of a box: same center, `scale` x width and height, clipped."""
-    b = torch.tensor([list(map(float, box))], dtype=torch.float64)
-    lim = torch.tensor([[width, height, width, height]], dtype=torch.float64)
-    return _context(b, lim, _mats(scale, b.device))[0][0].tolist()
+    b = _soa(torch.tensor([list(map(float, box))], dtype=torch.float64))
+    lim = torch.tensor([[width], [height]], dtype=torch.float64)
+    return _aos(_context(b, lim, _mats(scale, b.device))[0])[0].tolist()
 
 
-def _corner_values(sat_flat, width1, geo, pts, mats):
-    """Bilinearly interpolated SAT at the 8 corners of P = [B, B~] (exactly the integral of
-    the pixel-constant map up to that point) and its x/y derivatives there, each (N,8)."""
-    xy = pts.index_select(1, mats["XY"])                     # (N,16): 8 x's, then 8 y's
-    cell = torch.minimum(xy.floor(), geo.cell_max).clamp_(min=0)
-    frac = xy - cell
-    cx, cy, fx, fy = cell[:, :8], cell[:, 8:], frac[:, :8], frac[:, 8:]
-    idx = (torch.add(cx, cy, alpha=width1) + geo.base).long().unsqueeze(-1) \
-        + _corner_offsets(width1, xy.device)
-    c = sat_flat.index_select(0, idx.view(-1)).view(idx.shape)  # (N,8,4): I00 I10 I01 I11
-    grad = c[..., 1:3] - c[..., :1]                          # I10 - I00, I01 - I00
-    ix, iy = grad.unbind(-1)
-    ixy = c[..., 3] - c[..., 1] - iy                         # I11 - I10 - I01 + I00
+def _corner_values(sat_flat, width1, geo, pts):
+    """Bilinearly interpolated SAT at the corners of P = [B, B~] (exactly the integral of
+    the pixel-constant map up to that point) and its x/y derivatives there. pts (2,2,2,N)
+    = (box, lo/hi, x/y, N); each output (2,2,2,N) = (box, top/bottom, left/right, N)."""
+    cell = torch.minimum(pts.floor(), geo.lim - 1).clamp_(min=0)
+    frac = pts - cell
+    fx, fy = frac[:, None, :, 0], frac[:, :, None, 1]        # (2,1,2,N), (2,2,1,N)
+    rows = torch.add(geo.base, cell[:, :, 1], alpha=width1)  # (2,2,N): box, top/bottom
+    idx = (rows[:, :, None] + cell[:, None, :, 0]).long() + _corner_offsets(width1, pts.device)
+    c00, c10, c01, c11 = sat_flat.index_select(0, idx.view(-1)).view(idx.shape)
+    ix, iy = c10 - c00, c01 - c00
+    ixy = c11 - c10 - iy
     dx = torch.addcmul(ix, fy, ixy)
     dy = torch.addcmul(iy, fx, ixy)
-    return torch.addcmul(torch.addcmul(c[..., 0], fx, ix), fy, dy), dx, dy
+    return torch.addcmul(torch.addcmul(c00, fx, ix), fy, dy), dx, dy
 
 
 def _box_sums(val, dx, dy, mats):
-    """From the 8 corners' values and derivatives: the sums over B and B~ (N,2), and
-    d sum_B / d(x1, y1, x2, y2), d sum_B~ / d(x~1, y~1, x~2, y~2) as (N,8)."""
-    n = val.shape[0]
-    sums = (val.view(n, 2, 4) * mats["CORNER_SIGN"]).sum(-1)  # BR - TR - BL + TL
-    # corners (box, top/bottom, left/right): d/dx1 = dx_TL - dx_BL, d/dx2 = dx_BR - dx_TR,
-    # d/dy1 = dy_TL - dy_TR, d/dy2 = dy_BR - dy_BL
-    vx, vy = dx.view(n, 2, 2, 2), dy.view(n, 2, 2, 2)
-    ddx = vx[:, :, 0] - vx[:, :, 1]  # (N,2,2): d/dx1, -d/dx2
-    ddy = vy[..., 0] - vy[..., 1]    # (N,2,2): d/dy1, -d/dy2
-    dsum = torch.stack([ddx, ddy], -1).view(n, 8) * mats["SIDE_SIGN"]
-    return sums, dsum
+    """From the corners' values and derivatives: the sums over B and B~ (2,N), and
+    d sum / d(lo x, lo y, hi x, hi y) for both, as (2,2,2,N)."""
+    sums = (val[:, 0, 0] + val[:, 1, 1]) - (val[:, 0, 1] + val[:, 1, 0])  # TL+BR-TR-BL
+    # d/dx1 = dx_TL - dx_BL, d/dx2 = dx_BR - dx_TR, d/dy1 = dy_TL - dy_TR, d/dy2 = dy_BR - dy_BL
+    ddx = dx[:, 0] - dx[:, 1]        # (2,2,N): d/dx1, -d/dx2
+    ddy = dy[:, :, 0] - dy[:, :, 1]  # (2,2,N): d/dy1, -d/dy2
+    return sums, torch.stack([ddx, ddy], 2).mul_(mats["SIGN"])
 
 
 def _eq3_analytic(sat_flat, width1, geo, boxes, mats):
-    """L (Eq. 3), dL/d(x1,y1,x2,y2) in closed form, and per side (N,4) the smaller of the
-    mean scores along the box's edge and along the context's outer edge (plateau rule)."""
+    """L (Eq. 3) (N,), dL/d(box) (2,2,N) in closed form, and per side (2,2,N) the smaller of
+    the mean scores along the box's edge and along the context's outer edge (plateau
+    rule). boxes (2,2,N)."""
     ctx, free = _context(boxes, geo.lim, mats)
-    pts = torch.cat([boxes, ctx], 1)
-    sums, dsum = _box_sums(*_corner_values(sat_flat, width1, geo, pts, mats), mats)
-    dsum_b, dsum_t = dsum[:, :4], dsum[:, 4:]
-    size = pts @ mats["SIZE"]                          # (N,12), see _mats
-    area = size[:, :4].reshape(-1, 2, 2).prod(-1)      # A_B, A_B~
-    dab, dat = size[:, 4:8], size[:, 8:]
+    pts = torch.stack([boxes, ctx])
+    sums, dsum = _box_sums(*_corner_values(sat_flat, width1, geo, pts), mats)
+    wh = pts[:, 1] - pts[:, 0]                        # (2,2,N): w, h of B and B~
+    area = wh[:, 0] * wh[:, 1]                        # A_B, A_B~
+    darea = wh.flip(1)[:, None] * mats["AREA_SIGN"]   # d area / d(x1, y1, x2, y2) = -h, -w, h, w
     # mean S along each side (d sum / d side = +-line integral, d area / d side = +-length)
-    edge_means = dsum / size[:, 4:]
-    edge = torch.minimum(edge_means[:, :4], edge_means[:, 4:])
+    edge_means = dsum / darea
+    edge = torch.minimum(edge_means[0], edge_means[1])
     # chain rule through B~(B), zero where B~ is clipped
-    through = torch.stack([dsum_t, dat], 1).mul_(free.unsqueeze(1)) @ mats["CT"]
-    den = area[:, 1] - area[:, 0]
+    through = (mats["C"] @ (torch.stack([dsum[1], darea[1]]) * free).view(2, 2, -1)) \
+        .view(2, *boxes.shape)
+    den = area[1] - area[0]
     has_ring = den > 1e-9
-    inv = has_ring / torch.where(has_ring, den, 1.0)   # 1 / A_ring, 0 without a ring
-    phi_c = (sums[:, 1] - sums[:, 0]) * inv
-    dphi_c = torch.addcmul(through[:, 0] - dsum_b, phi_c[:, None], through[:, 1] - dab,
-                           value=-1) * inv[:, None]
-    phi_b = sums[:, 0] / area[:, 0]
-    dphi_b = torch.addcmul(dsum_b, phi_b[:, None], dab, value=-1) / area[:, 0:1]
+    inv = has_ring / torch.where(has_ring, den, 1.0)  # 1 / A_ring, 0 without a ring
+    phi_c = (sums[1] - sums[0]) * inv
+    dphi_c = torch.addcmul(through[0] - dsum[0], phi_c, through[1] - darea[0], value=-1) * inv
+    phi_b = sums[0] / area[0]
+    dphi_b = torch.addcmul(dsum[0], phi_b, darea[0], value=-1) / area[0]
     return phi_c - phi_b, dphi_c - dphi_b, edge
 
 
 def _eq3_forward(sat_flat, width1, geo, boxes, mats):
     """L (Eq. 3) by plain differentiable tensor ops (for autograd), same maths as above."""
     ctx, _ = _context(boxes, geo.lim, mats)
-    pts = torch.cat([boxes, ctx], 1)
-    val, _, _ = _corner_values(sat_flat, width1, geo, pts, mats)
-    sums = (val.view(-1, 2, 4) * mats["CORNER_SIGN"]).sum(-1)
-    area = (pts @ mats["SIZE"][:, :4]).reshape(-1, 2, 2).prod(-1)
-    den = area[:, 1] - area[:, 0]
+    pts = torch.stack([boxes, ctx])
+    val, _, _ = _corner_values(sat_flat, width1, geo, pts)
+    sums = (val[:, 0, 0] + val[:, 1, 1]) - (val[:, 0, 1] + val[:, 1, 0])
+    wh = pts[:, 1] - pts[:, 0]
+    area = wh[:, 0] * wh[:, 1]
+    den = area[1] - area[0]
     has_ring = den > 1e-9
-    phi_c = torch.where(has_ring, (sums[:, 1] - sums[:, 0]) / torch.where(has_ring, den, 1.0), 0.0)
-    return phi_c - sums[:, 0] / area[:, 0]
+    phi_c = torch.where(has_ring, (sums[1] - sums[0]) / torch.where(has_ring, den, 1.0), 0.0)
+    return phi_c - sums[0] / area[0]
 
 
 def _eq3_autograd(sat_flat, width1, geo, boxes, mats):
@@ -399,7 +405,6 @@ def _eq3_autograd(sat_flat, width1, geo, boxes, mats):
         (grad,) = torch.autograd.grad(loss.sum(), x)
     edge = _eq3_analytic(sat_flat, width1, geo, boxes, mats)[2]
     return loss.detach(), grad, edge
-
 
 # --------------------------------------------------------------------------- engine
 
@@ -492,7 +497,7 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
                             torch.zeros(len(rec), 0, 4, device=dev) if rec else None, rec)
     eq3 = {"analytic": _eq3_analytic, "autograd": _eq3_autograd}[gradient]
 
-    lim = sizes.to(dev)[image_index].flip(1).repeat(1, 2).to(torch.float64)  # (W, H, W, H)
+    lim = sizes.to(dev)[image_index].t().flip(0).to(torch.float64)  # (2,N): W, H
     mats = _mats(cfg.context_scale, dev)
     sat, row = _summed_area_tables(maps, image_index, class_ids)
     width1 = sat.shape[2]
@@ -502,8 +507,9 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
     if cfg.peak_region > 0 and peak_xy is not None and others.shape[1]:
         valid = valid & ~_same_region(maps, sizes, image_index, class_ids, peak_xy, others,
                                       cfg.peak_region)
+    others, valid = others.permute(2, 1, 0).contiguous(), valid.t().contiguous()  # (2,K,N), (K,N)
 
-    boxes, status = _initial_boxes(boxes, geo, others, valid, allowed)
+    boxes, status = _initial_boxes(_soa(boxes), geo, others, valid, allowed)
     steps = torch.zeros(n, dtype=torch.long, device=dev)
 
     traj = [boxes.clone()] if 0 in rec else []
@@ -511,11 +517,11 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
     # per-box state of the still active boxes only, compacted whenever some stop
     act = torch.nonzero(status == _RUNNING).flatten()
     a_geo = geo.take(act)
-    state = [boxes[act], others[act], valid[act], allowed[act],
-             torch.zeros(act.numel(), 4, dtype=torch.float64, device=dev),  # Adam m
-             torch.zeros(act.numel(), 4, dtype=torch.float64, device=dev),  # Adam v
-             torch.zeros(act.numel(), dtype=torch.long, device=dev),        # still count
-             torch.zeros(act.numel(), dtype=torch.long, device=dev)]        # steps taken
+    state = [boxes[..., act], others[..., act], valid[..., act], allowed[act],
+             torch.zeros(2, 2, act.numel(), dtype=torch.float64, device=dev),  # Adam m
+             torch.zeros(2, 2, act.numel(), dtype=torch.float64, device=dev),  # Adam v
+             torch.zeros(act.numel(), dtype=torch.long, device=dev),  # still count
+             torch.zeros(act.numel(), dtype=torch.long, device=dev)]  # steps taken
     for t in range(1, cfg.iterations + 1):
         if act.numel() == 0:
             break
@@ -523,17 +529,17 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
         _, grad, edge = eq3(sat_flat, width1, a_geo, cur, mats)
         cand, no_grad, expand, size = _adam_step(cur, grad, edge, m, v, a_geo, t, cfg, mats)
         blocked = _too_many_peaks(cand, a_others, a_valid, a_allowed)
-        flat = no_grad.all(1) & ~expand.any(1)
-        moved = ((cand - cur).abs() / size).amax(1)
+        flat = no_grad.view(4, -1).all(0) & ~expand.view(4, -1).any(0)
+        moved = ((cand - cur).abs_().div_(size)).view(4, -1).amax(0)
         still = torch.where(moved < cfg.tol, still + 1, 0)
         take = ~(blocked | flat)
-        cur = torch.where(take[:, None], cand, cur)
+        cur = torch.where(take, cand, cur)
         a_steps += take
         state[0], state[6] = cur, still
         done = blocked | flat | (still >= cfg.patience)
         any_done = t == cfg.iterations or bool(done.any())
         if any_done or t in rec_set:
-            boxes[act] = cur
+            boxes[..., act] = cur
         if t in rec_set:
             traj.append(boxes.clone())
         if any_done:  # rare: name the reasons only then
@@ -545,7 +551,7 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
             status[act[done]] = new_status[done]
             steps[act[done]] = a_steps[done]
             act = act[~done]
-            state = [x[~done] for x in state]
+            state = [x[..., ~done] for x in state]
             a_geo = a_geo.take(~done)
     while len(traj) < len(rec):  # the loop ended early: all boxes keep their final box
         traj.append(boxes.clone())
@@ -553,17 +559,18 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
 
     loss = _eq3_analytic(sat_flat, width1, geo, boxes, mats)[0]
     reasons = [STOP_REASONS[int(s)] for s in status.tolist()]
-    return RefineResult(boxes.float(), loss.float(), steps, reasons,
-                        torch.stack(traj).float() if rec else None, rec)
+    return RefineResult(_aos(boxes).float(), loss.float(), steps, reasons,
+                        _aos(torch.stack(traj)).float() if rec else None, rec)
 
 
 def _initial_boxes(boxes, geo, others, valid, allowed):
     """Swap inverted coordinates, mark boxes outside their image "degenerate" and boxes that
-    already hold a second peak "second_peak", project all onto the constraints."""
-    lo, hi = torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])
-    outside = ((lo >= geo.lim[:, :2]) | (hi <= 0)).any(1)
-    boxes = _project(torch.cat([lo, hi], 1), geo)
-    status = torch.full((boxes.shape[0],), _RUNNING, dtype=torch.long, device=boxes.device)
+    already hold a second peak "second_peak", project all onto the constraints.
+    boxes (2,2,N)."""
+    lo, hi = torch.minimum(boxes[0], boxes[1]), torch.maximum(boxes[0], boxes[1])
+    outside = ((lo >= geo.lim) | (hi <= 0)).any(0)
+    boxes = _project(torch.stack([lo, hi]), geo)
+    status = torch.full((boxes.shape[-1],), _RUNNING, dtype=torch.long, device=boxes.device)
     status[outside] = _DEGENERATE
     status[(status == _RUNNING) & _too_many_peaks(boxes, others, valid, allowed)] = _SECOND_PEAK
     return boxes, status
@@ -572,17 +579,17 @@ def _initial_boxes(boxes, geo, others, valid, allowed):
 def _adam_step(cur, grad, edge, m, v, geo, t, cfg, mats):
     """One Adam step in units of the box size (m, v updated in place), with the plateau
     rule, projected onto the constraints. Returns the candidate box, which coordinates
-    have no gradient, which sides expand, and the (w, h, w, h) sizes."""
-    size = (cur[:, 2:] - cur[:, :2]).repeat(1, 2)
+    have no gradient, which sides expand, and the (w, h) sizes (2,N). All boxes (2,2,N)."""
+    size = cur[1] - cur[0]
     g = grad * size  # dimensionless: Adam's steps come out in units of the box size
     m.lerp_(g, 1 - cfg.beta1)
     v.mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
     # m^ / (sqrt(v^) + eps) with the bias corrections c1, c2 taken out of the tensors
     c1, c2 = 1 - cfg.beta1 ** t, math.sqrt(1 - cfg.beta2 ** t)
     direction = m.div(v.sqrt().add_(1e-12 * c2)).mul_(c2 / c1)
-    no_grad = g.abs() < cfg.flat_tol
+    no_grad = g.abs_() < cfg.flat_tol
     expand = edge >= cfg.expand_threshold
-    direction = torch.where(expand, mats["OUT"], direction.masked_fill_(no_grad, 0.0))
+    direction = torch.where(expand, mats["SIGN"], direction.masked_fill_(no_grad, 0.0))
     cand = _project(torch.addcmul(cur, direction, size, value=-_step_size(cfg, t)), geo)
     return cand, no_grad, expand, size
 
@@ -620,12 +627,13 @@ def _same_region(maps, sizes, image_index, class_ids, peak_xy, others, level, sa
 
 
 def _too_many_peaks(boxes, others, valid, allowed) -> Tensor:
+    """Whether each box (2,2,N) holds more than `allowed` of the other peaks (2,K,N)."""
     if others.shape[1] == 0:
-        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    px, py = others[..., 0], others[..., 1]
-    inside = valid & (px >= boxes[:, 0:1]) & (px <= boxes[:, 2:3]) & \
-        (py >= boxes[:, 1:2]) & (py <= boxes[:, 3:4])
-    return inside.sum(1) > allowed
+        return torch.zeros(boxes.shape[-1], dtype=torch.bool, device=boxes.device)
+    px, py = others[0], others[1]
+    inside = valid & (px >= boxes[0, 0]) & (px <= boxes[1, 0]) & \
+        (py >= boxes[0, 1]) & (py <= boxes[1, 1])
+    return inside.sum(0) > allowed
 
 
 def _check_boxes(boxes, image_index, class_ids, peak_xy, maps) -> None:
@@ -659,10 +667,10 @@ def eq3_loss(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tens
     image_index = torch.as_tensor(image_index).long().reshape(-1)
     class_ids = torch.as_tensor(class_ids).long().reshape(-1)
     sat, row = _summed_area_tables(maps, image_index, class_ids)
-    lim = sizes[image_index].flip(1).repeat(1, 2).to(torch.float64)
+    lim = sizes[image_index].t().flip(0).to(torch.float64)
     loss, grad, _ = _eq3_analytic(sat.reshape(-1), sat.shape[2], _geometry(lim, row, sat.shape, 0),
-                                  boxes, _mats(context_scale, boxes.device))
-    return (loss, grad) if with_grad else loss
+                                  _soa(boxes), _mats(context_scale, boxes.device))
+    return (loss, _aos(grad)) if with_grad else loss
 
 
 def refine_reference(scores, boxes, image_index, class_ids, peak_xy=None, peaks=None,
