@@ -240,19 +240,19 @@ def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
     return p_xy[order], torch.gather(match, 1, order), allowed
 
 
-# Inside the engine every per-box quantity is laid out box-last ("structure of arrays"):
+# Inside the engine every per-box quantity is laid out box-last:
 # a box is (2, 2, N) = (lo/hi corner, x/y, box), so each coordinate is one contiguous row
 # of N values. Slices, stacks and broadcasts then touch whole rows; with boxes-first
 # (N, 4) tensors the same algebra needed strided copies (index_select along dim 1, repeat)
 # that cost 10x an elementwise op on CPU.
 
 
-def _soa(boxes: Tensor) -> Tensor:
+def _box_last(boxes: Tensor) -> Tensor:
     """(N,4) [x1, y1, x2, y2] -> (2,2,N) [lo/hi][x/y]."""
     return boxes.t().contiguous().view(2, 2, -1)
 
 
-def _aos(boxes: Tensor) -> Tensor:
+def _box_first(boxes: Tensor) -> Tensor:
     """(..., 2,2,N) -> (..., N,4)."""
     return boxes.reshape(*boxes.shape[:-3], 4, boxes.shape[-1]).transpose(-1, -2).contiguous()
 
@@ -325,9 +325,9 @@ def _context(boxes: Tensor, lim: Tensor, mats):
 
 def context_box(box: Sequence[float], height: int, width: int, scale: float = 1.5) -> list[float]:
     """The context box B~ of a box: same center, `scale` x width and height, clipped."""
-    b = _soa(torch.tensor([list(map(float, box))], dtype=torch.float64))
+    b = _box_last(torch.tensor([list(map(float, box))], dtype=torch.float64))
     lim = torch.tensor([[width], [height]], dtype=torch.float64)
-    return _aos(_context(b, lim, _mats(scale, b.device))[0])[0].tolist()
+    return _box_first(_context(b, lim, _mats(scale, b.device))[0])[0].tolist()
 
 
 def _corner_values(sat_flat, width1, geo, pts):
@@ -509,7 +509,7 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
                                       cfg.peak_region)
     others, valid = others.permute(2, 1, 0).contiguous(), valid.t().contiguous()  # (2,K,N), (K,N)
 
-    boxes, status = _initial_boxes(_soa(boxes), geo, others, valid, allowed)
+    boxes, status = _initial_boxes(_box_last(boxes), geo, others, valid, allowed)
     steps = torch.zeros(n, dtype=torch.long, device=dev)
 
     traj = [boxes.clone()] if 0 in rec else []
@@ -559,8 +559,8 @@ def _refine(maps, sizes, boxes, image_index, class_ids, peak_xy, peaks, cfg, rec
 
     loss = _eq3_analytic(sat_flat, width1, geo, boxes, mats)[0]
     reasons = [STOP_REASONS[int(s)] for s in status.tolist()]
-    return RefineResult(_aos(boxes).float(), loss.float(), steps, reasons,
-                        _aos(torch.stack(traj)).float() if rec else None, rec)
+    return RefineResult(_box_first(boxes).float(), loss.float(), steps, reasons,
+                        _box_first(torch.stack(traj)).float() if rec else None, rec)
 
 
 def _initial_boxes(boxes, geo, others, valid, allowed):
@@ -669,8 +669,8 @@ def eq3_loss(scores: Tensor | Sequence[Tensor], boxes: Tensor, image_index: Tens
     sat, row = _summed_area_tables(maps, image_index, class_ids)
     lim = sizes[image_index].t().flip(0).to(torch.float64)
     loss, grad, _ = _eq3_analytic(sat.reshape(-1), sat.shape[2], _geometry(lim, row, sat.shape, 0),
-                                  _soa(boxes), _mats(context_scale, boxes.device))
-    return (loss, _aos(grad)) if with_grad else loss
+                                  _box_last(boxes), _mats(context_scale, boxes.device))
+    return (loss, _box_first(grad)) if with_grad else loss
 
 
 def refine_reference(scores, boxes, image_index, class_ids, peak_xy=None, peaks=None,
