@@ -79,6 +79,34 @@ def test_camnet_shapes_and_cams_roundtrip(tmp_path):
     assert back[:2].max() == 0 and back[2].max() == pytest.approx(1.0)
 
 
+class _RedAtStride16(torch.nn.Module):
+    """A stand-in CAM network: the response of its one class is the mean red value of each
+    16 x 16 cell."""
+
+    def response(self, x):
+        return torch.nn.functional.avg_pool2d(x[:, :1] / 255, 16)
+
+
+def test_predict_response_averages_scales_on_the_largest_grid():
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[32:48, 16:32, 0] = 255  # a red square, off-centre so flips matter
+    model = _RedAtStride16()
+    single = peaks.predict_response(model, [image], 64)
+    assert single.shape == (1, 1, 4, 4)
+    both = peaks.predict_response(model, [image], 64, scales=[1.0, 2.0])
+    assert both.shape == (1, 1, 8, 8)  # the grid of the 128 px input
+    big = peaks.predict_response(model, [image], 128)
+    want = (peaks.resize_maps(torch.from_numpy(single), (8, 8)).numpy() + big) / 2
+    np.testing.assert_allclose(both, want, atol=1e-6)
+    # the averaged map still peaks on the square (cell i of the 8 x 8 grid: pixel 8 i)
+    y, x = np.unravel_index(both[0, 0].argmax(), (8, 8))
+    assert 32 <= 8 * y < 48 and 16 <= 8 * x < 32
+    half = peaks.predict_response(model, [image], 64, scales=[0.5])
+    assert half.shape == (1, 1, 2, 2)  # 32 px input
+    with pytest.raises(ValueError, match="cam.scales"):
+        peaks.predict_response(model, [image], 64, scales=[])
+
+
 def test_pure_modules_do_not_import_ray():
     code = ("import sys, wsis_ray.peaks, wsis_ray.proposals, wsis_ray.bags, "
             "wsis_ray.affinity; assert 'ray' not in sys.modules, 'ray imported'")

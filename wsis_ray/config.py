@@ -76,6 +76,8 @@ class CAMConfig:
     peak_upsample: bilinear upsampling of the response map before locating peaks (PRM's
     sub-pixel peak locating). peak_min_relative: a peak must also exceed this fraction of
     its map's maximum (0 = off, PRM's median rule alone).
+    scales: input scales of CAM inference, averaged (with flips) on the largest scale's grid
+    (IRN/PSA: 1.0, 0.5, 1.5, 2.0); the CAMs feed the peaks and AffinityNet.
     """
     image_size: int = 160
     batch_size: int = 16
@@ -87,6 +89,7 @@ class CAMConfig:
     peak_threshold: str = "median"  # "median" or a float in response-map units
     peak_upsample: int = 4
     peak_min_relative: float = 0.2
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
 
 
 @dataclass

@@ -107,7 +107,8 @@ class _CamPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         recs = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
         images = [peaks.load_record_image(_plain(r)) for r in recs]
-        responses = peaks.predict_response(self.model, images, self.size)
+        responses = peaks.predict_response(self.model, images, self.size,
+                                           scales=self.cam["scales"])
         out: dict[str, list] = {k: [] for k in ("image_id", "class_ids", "shape", "response",
                                                 "peaks")}
         c = self.cam
