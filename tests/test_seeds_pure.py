@@ -103,6 +103,7 @@ def test_predict_response_averages_scales_on_the_largest_grid():
     assert 32 <= 8 * y < 48 and 16 <= 8 * x < 32
     half = peaks.predict_response(model, [image], 64, scales=[0.5])
     assert half.shape == (1, 1, 2, 2)  # 32 px input
+    assert peaks.predict_response(model, [image], 88).shape == (1, 1, 5, 5)  # scale 1: 88 px
     with pytest.raises(ValueError, match="cam.scales"):
         peaks.predict_response(model, [image], 64, scales=[])
 

@@ -169,24 +169,24 @@ def predict_response(model: CAMNet, images: list[np.ndarray], size: int,
                      flip: bool = True, scales=(1.0,)) -> np.ndarray:
     """Response maps for a list of images resized to `size`, averaged with the horizontally
     flipped image and over the input `scales` (multi-scale inference, as IRN/PSA compute
-    CAMs: 0.5, 1.0, 1.5, 2.0). Each scale's input side is a multiple of 16; the maps are
-    averaged on the grid of the largest scale, (B, C, s*size/16, s*size/16): larger inputs
-    localise finer, smaller ones see whole objects."""
+    CAMs: 0.5, 1.0, 1.5, 2.0). Scale 1 uses `size` itself, the others the nearest multiple
+    of 16; the maps are averaged on the grid of the largest input (one scale: the network's
+    own (B, C, size/16, size/16)): larger inputs localise finer, smaller ones see whole
+    objects."""
     if not len(scales) or min(scales) <= 0:
         raise ValueError(f"cam.scales must be a non-empty list of positive input scales, "
                          f"got {list(scales)}")
     model.eval()
-    sides = [max(16, int(round(size * s / 16)) * 16) for s in scales]
-    grid = (max(sides) // 16,) * 2
-    total = None
-    for side in sides:
+    maps = []
+    for s in sorted(scales, reverse=True):  # the largest first: its grid is the target
+        side = size if s == 1 else max(16, int(round(size * s / 16)) * 16)
         x = torch.stack([resize_image(im, side) for im in images])
         r = model.response(x)
         if flip:
             r = (r + model.response(x.flip(3)).flip(3)) / 2
-        r = resize_maps(r, grid) if tuple(r.shape[-2:]) != grid else r
-        total = r if total is None else total + r
-    return (total / len(sides)).numpy()
+        grid = maps[0].shape[-2:] if maps else r.shape[-2:]
+        maps.append(r if r.shape[-2:] == grid else resize_maps(r, tuple(grid)))
+    return (sum(maps) / len(maps)).numpy()
 
 
 def peak_recall(peaks_per_image: list[list[tuple]], gt_masks: list[np.ndarray],
