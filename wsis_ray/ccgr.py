@@ -197,8 +197,8 @@ _SAT_BLOCK_BYTES = 4 * 2 ** 20  # planes built together: near the L2 size, faste
 def _summed_area_tables(scores: Tensor, image_index: Tensor, class_ids: Tensor):
     """SATs (U, H+1, W+1) float64 for the (image, class) pairs the boxes use, and each box's
     row in them. float64 keeps box sums exact enough for the flat-map test (flat_tol).
-    Built in blocks of pairs that fit in a core's L2 cache (one copy and two cumulative
-    sums per block): whole-buffer passes over a 100+ MiB SAT are memory-bound and took
+    Built in blocks of pairs of a few MiB, near a core's L2 cache (one copy and two
+    cumulative sums per block): whole-buffer passes over a 100+ MiB SAT are memory-bound and took
     twice as long."""
     n_cls = scores.shape[1] - 1
     pair = image_index * n_cls + class_ids
@@ -216,7 +216,6 @@ def _summed_area_tables(scores: Tensor, image_index: Tensor, class_ids: Tensor):
         inner.cumsum_(2)
         inner.cumsum_(1)
     return sat, inverse
-
 
 
 def _other_peaks(image_index, class_ids, peak_xy, peaks, device):
@@ -262,6 +261,7 @@ class _Geometry(NamedTuple):
     """Per-box constants of a refine call (the last dim follows the boxes; `take` keeps
     some)."""
     lim: Tensor       # (2,N) W, H of the box's image
+    cell_max: Tensor  # (2,N) W - 1, H - 1: the last pixel's index per axis
     base: Tensor      # (N,) float64 offset of the box's SAT in the flat SAT buffer
     bound: Tensor     # (2,2,N) upper limits of (x1, y1), (x2, y2): W - m, H - m, W, H
     min_wh: Tensor    # (2,N) m: min_size capped by the image size, per axis
@@ -273,7 +273,7 @@ class _Geometry(NamedTuple):
 def _geometry(lim: Tensor, row: Tensor, sat_shape, min_size: float) -> _Geometry:
     m = torch.clamp(lim, max=min_size)
     base = (row * sat_shape[1] * sat_shape[2]).to(torch.float64)
-    return _Geometry(lim, base, torch.stack([lim - m, lim]), m)
+    return _Geometry(lim, lim - 1, base, torch.stack([lim - m, lim]), m)
 
 
 def _project(boxes: Tensor, geo: _Geometry) -> Tensor:
@@ -335,7 +335,7 @@ def _corner_values(sat_flat, width1, geo, pts):
     """Bilinearly interpolated SAT at the corners of P = [B, B~] (exactly the integral of
     the pixel-constant map up to that point) and its x/y derivatives there. pts (2,2,2,N)
     = (box, lo/hi, x/y, N); each output (2,2,2,N) = (box, top/bottom, left/right, N)."""
-    cell = torch.minimum(pts.floor(), geo.lim - 1).clamp_(min=0)
+    cell = torch.minimum(pts.floor(), geo.cell_max).clamp_(min=0)
     frac = pts - cell
     fx, fy = frac[:, None, :, 0], frac[:, :, None, 1]        # (2,1,2,N), (2,2,1,N)
     rows = torch.add(geo.base, cell[:, :, 1], alpha=width1)  # (2,2,N): box, top/bottom
@@ -406,6 +406,7 @@ def _eq3_autograd(sat_flat, width1, geo, boxes, mats):
         (grad,) = torch.autograd.grad(loss.sum(), x)
     edge = _eq3_analytic(sat_flat, width1, geo, boxes, mats)[2]
     return loss.detach(), grad, edge
+
 
 # --------------------------------------------------------------------------- engine
 
