@@ -79,10 +79,32 @@ def test_trunk_sharing_into_and_out_of_mask_rcnn():
     other = Trunk(BackboneConfig(name="resnet18"))
     load_trunk_state(other, shared)
     assert torch.equal(other.stem[0].weight, trunk.stem[0].weight)
-    with pytest.raises(ValueError, match="same ResNet"):
+    with pytest.raises(ValueError, match="same network"):
         instance.build_model(ISConfig(backbone="resnet50", min_size=64, max_size=96), 2,
                              init_trunk=trunk.state_dict())
 
+
+
+def test_efficientnet_mask_rcnn_takes_the_shared_trunk_and_frozen_batchnorm():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    cfg = ISConfig(backbone="efficientnet_lite0", pretrained="none", min_size=64, max_size=96,
+                   fpn_channels=32)
+    trunk = Trunk(BackboneConfig(name="efficientnet_lite0"), dilate_last=True)
+    m = instance.build_model(cfg, 2, frozen_bn=True, init_trunk=trunk.state_dict())
+    body = m.backbone.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and body.bn1.eps == 1e-3
+    assert torch.equal(body.layer3[0]._project_conv.weight, trunk.layer3[0]._project_conv.weight)
+    assert not body.layer1[0]._depthwise_conv.weight.requires_grad  # trainable_layers=3
+    assert body.layer4[0]._depthwise_conv.stride == [2, 2]  # the FPN body keeps stride 32
+    shared = instance.trunk_state(m)
+    assert torch.equal(shared["stem.0.1.weight"], trunk.state_dict()["stem.0.1.weight"])
+    m.eval()
+    with torch.no_grad():
+        out = m([torch.rand(3, 70, 90)])
+    assert out[0]["masks"].shape[-2:] == (70, 90)
+    with pytest.raises(ValueError, match="same network"):
+        instance.build_model(cfg, 2, init_trunk=Trunk(BackboneConfig(name="resnet18")).state_dict())
 
 def test_gt_table_and_targets(tmp_path):
     from types import SimpleNamespace

