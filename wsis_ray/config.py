@@ -124,6 +124,10 @@ class AffinityConfig:
     fg/bg_threshold: confident regions of normalized CAMs for the affinity labels.
     bg_power: background score (1 - max_c CAM_c)^bg_power for the random walk.
     ignore_margin: label 255 where the best two walked scores differ by less (0 = never).
+    infer_scale: the random walk runs on the image resized to image_size x infer_scale. PSA
+    walks at the full VOC resolution (~500 px, a 63-cell grid at stride 8); the demo's images
+    are 128-192 px, and at 160 px (20 cells) the walk cannot place boundaries finer than
+    8 px. README "Measured" has the figures behind the default.
     """
     fg_threshold: float = 0.30
     bg_threshold: float = 0.05
@@ -133,6 +137,7 @@ class AffinityConfig:
     bg_power: float = 8.0
     ignore_margin: float = 0.0
     image_size: int = 160
+    infer_scale: float = 2.0
     batch_size: int = 8
     steps: int = 100
     lr: float = 1e-3

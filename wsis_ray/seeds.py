@@ -283,8 +283,10 @@ class _SemanticPredictor:
         from wsis_ray.config import BackboneConfig
 
         state = load_torch_state(state_uri)
-        # the random walk's settings are this run's; the input size is the network's own
-        self.cfg = {**walk, "image_size": state["affinity"]["image_size"]}
+        # the random walk's settings are this run's; the input size is the network's own,
+        # scaled by infer_scale (a finer affinity grid for small images)
+        size = max(32, round(state["affinity"]["image_size"] * walk["infer_scale"]))
+        self.cfg = {**walk, "image_size": size}
         self.model = affinity.AffinityNet(BackboneConfig(**state["backbone"]))
         self.model.load_state_dict(state["model"])
         self.model.eval()
