@@ -106,6 +106,24 @@ def test_efficientnet_mask_rcnn_takes_the_shared_trunk_and_frozen_batchnorm():
     with pytest.raises(ValueError, match="same network"):
         instance.build_model(cfg, 2, init_trunk=Trunk(BackboneConfig(name="resnet18")).state_dict())
 
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_next_round_takes_the_trunk_of_a_frozen_batchnorm_model(name):
+    # Round >= 2: the shared trunk is the previous IS model's body, whose FrozenBatchNorm2d
+    # has no num_batches_tracked (BatchNorm's loader fills it in); its statistics must carry.
+    cfg = ISConfig(backbone=name, pretrained="none", min_size=64, max_size=96, fpn_channels=32)
+    previous = instance.build_model(cfg, 2, frozen_bn=True)
+    with torch.no_grad():
+        previous.backbone.body.bn1.running_mean.add_(0.5)
+    shared = instance.trunk_state(previous)
+    assert not any(k.endswith("num_batches_tracked") for k in shared)
+    for frozen in (True, False):
+        body = instance.build_model(cfg, 2, frozen_bn=frozen, init_trunk=shared).backbone.body
+        assert torch.equal(body.bn1.running_mean, previous.backbone.body.bn1.running_mean)
+    with pytest.raises(ValueError, match="same network"):
+        instance.build_model(cfg, 2, init_trunk={k: v for k, v in shared.items()
+                                                 if "layer2" not in k})
+
 def test_gt_table_and_targets(tmp_path):
     from types import SimpleNamespace
 

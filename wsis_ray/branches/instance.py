@@ -27,20 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision import models
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import misc as misc_ops
 
-from wsis_ray.branches.backbone import (STAGE_CHANNELS, freeze_batchnorm, resnet,
-                                       trunk_to_resnet_state)
+from wsis_ray.branches.backbone import STAGE_CHANNELS, freeze_batchnorm, trunk_to_resnet_state
 from wsis_ray.branches.backbone import body as backbone_body
 from wsis_ray.config import ISConfig
 from wsis_ray.data.records import encode_mask, resolve_fs
-
-_RESNETS = ("resnet18", "resnet34", "resnet50")
 
 
 # ---------------------------------------------------------------------------- model
@@ -53,13 +49,7 @@ def _fpn_backbone(cfg: ISConfig, frozen_bn: bool, load_weights: bool,
         raise ValueError(f"instance.backbone '{cfg.backbone}' not supported; "
                          f"choose one of {sorted(STAGE_CHANNELS)}")
     weights = cfg.pretrained if load_weights and init_trunk is None else "none"
-    if cfg.backbone in _RESNETS:
-        norm = misc_ops.FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
-        net = getattr(models, cfg.backbone)(weights=None, norm_layer=norm)
-        if weights not in ("", "none"):
-            net.load_state_dict(resnet(cfg.backbone, weights).state_dict())
-    else:
-        net = backbone_body(cfg.backbone, weights)
+    net = backbone_body(cfg.backbone, weights)
     if init_trunk is not None:
         try:
             missing, unexpected = net.load_state_dict(trunk_to_resnet_state(init_trunk),
@@ -70,7 +60,7 @@ def _fpn_backbone(cfg: ISConfig, frozen_bn: bool, load_weights: bool,
             raise ValueError(f"init_trunk does not fit a {cfg.backbone} body (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]}): the shared trunk "
                              f"and instance.backbone must name the same network")
-    if frozen_bn and cfg.backbone not in _RESNETS:
+    if frozen_bn:  # after loading, so the frozen layers hold the loaded statistics
         freeze_batchnorm(net)
     # torchvision's rule: from scratch everything trains; from weights only the top stages.
     trainable = cfg.trainable_layers if frozen_bn else 5
