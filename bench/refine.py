@@ -49,7 +49,8 @@ def main() -> None:
     ds = load_train_dataset(cfg.data)
     gt = load_eval_gt(cfg.data, "train", ds.category_ids)
     torch.manual_seed(0)
-    net = PSPNet(BackboneConfig(cfg.backbone.name, "none"), ds.num_classes, cfg.ss.bins)
+    net = PSPNet(BackboneConfig(cfg.backbone.name, "none"), ds.num_classes, cfg.ss.bins,
+                 cfg.ss.output_stride)
     buf = io.BytesIO()
     torch.save({"model": net.state_dict()}, buf)
     (tmp / "ss.pt").write_bytes(buf.getvalue())

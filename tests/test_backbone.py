@@ -60,3 +60,31 @@ def test_efficientnet_trunk_at_stride_16_and_frozen_batchnorm_keeps_outputs():
 def test_efficientnet_weights_path_missing_is_clear(tmp_path):
     with pytest.raises(WeightsUnavailable, match="no such file.*efficientnet-lite0"):
         Trunk(BackboneConfig(name="efficientnet_lite0", pretrained=str(tmp_path / "x.pth")))
+
+
+@pytest.mark.parametrize("name, weights, offset", [
+    ("resnet18", "none", 0),
+    # TF "same" padding puts a stride-2 conv's samples half a step right: 1 + 2 px at /8
+    ("efficientnet_lite0", "imagenet", 3)])
+def test_stride_8_trunk_is_the_stride_32_trunk_a_trous(name, weights, offset):
+    import torch
+
+    torch.manual_seed(0)
+    coarse = Trunk(BackboneConfig(name=name, pretrained=weights)).eval()
+    fine = Trunk(BackboneConfig(name=name), output_stride=8).eval()
+    fine.load_state_dict(coarse.state_dict())  # same weights: the shared trunk fits
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        y32, y8 = coarse(x), fine(x)
+    assert fine.stride == 8 and y8.shape[-2:] == (8, 12) and y32.shape[-2:] == (2, 3)
+    # dilation by 2 and 4 after the dropped strides: the stride-8 map holds the stride-32
+    # one exactly on its coarse grid, and new values in between
+    on_grid = y8[..., offset::4, offset::4]
+    assert torch.allclose(on_grid, y32, atol=1e-4 * float(y32.abs().max()))
+    between = y8[..., (offset + 2) % 4::4, (offset + 2) % 4::4]
+    assert not torch.allclose(between, y32, atol=1e-2)
+
+
+def test_output_stride_other_than_8_16_32_is_refused():
+    with pytest.raises(ValueError, match="output_stride"):
+        Trunk(BackboneConfig(name="resnet18"), output_stride=4)

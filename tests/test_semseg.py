@@ -81,3 +81,20 @@ def test_ss_trains_on_two_workers_and_recovers_a_killed_worker(ray_session, tmp_
     gt = [np.asarray(__import__("PIL.Image").Image.open(f"{d['semantic']}/{r.image_id}.png"))
           for r in d["records"]]
     assert 0.0 <= semseg.miou(pred, gt, 3)["miou"] <= 1.0
+
+
+def test_output_stride_8_reaches_the_score_maps_and_checkpoints():
+    from wsis_ray.config import ConfigError, load_config
+
+    torch.manual_seed(0)
+    ss = load_config(None, ["ss.output_stride=8", "ss.image_size=64"]).ss
+    net = semseg.PSPNet(BackboneConfig(name="resnet18"), 2, ss.bins, ss.output_stride).eval()
+    assert net.trunk.stride == 8
+    images = [np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)]
+    scores = semseg.predict_scores(net, images, image_size=64)
+    assert scores[0].shape == (3, 50, 70)
+    loaded = semseg.load_model(net.state_dict(), BackboneConfig(name="resnet18"), ss, 2)
+    assert loaded.trunk.stride == 8
+    assert np.array_equal(semseg.predict_scores(loaded, images, image_size=64)[0], scores[0])
+    with pytest.raises(ConfigError, match="ss.output_stride must be 8 or 16"):
+        load_config(None, ["ss.output_stride=32"])

@@ -166,6 +166,13 @@ class SSConfig:
     weight_decay: float = 1e-4
     bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
     ignore_index: int = 255
+    # 16: a 10x10 score grid at 160 px; 8 (PSPNet's, dilated layer3/4): 20x20, finer maps
+    # for CCGR at ~2x the SS step's compute
+    output_stride: int = 16
+
+    def __post_init__(self):
+        if self.output_stride not in (8, 16):
+            raise ValueError(f"ss.output_stride must be 8 or 16, not {self.output_stride}")
 
 
 @dataclass
@@ -297,7 +304,10 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             kwargs[f.name] = _build(t, v, f"{where}{f.name}.")
         else:
             kwargs[f.name] = _coerce(v, t, where + f.name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own range check (__post_init__)
+        raise ConfigError(str(e)) from e
 
 
 def _coerce(v: Any, t: Any, name: str) -> Any:

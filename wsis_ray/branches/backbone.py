@@ -171,20 +171,32 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 
 
 class Trunk(nn.Module):
-    """conv1..layer4 of the backbone (stride 32) with `out_channels`; `dilate_last` keeps
-    stride 16 for the dense branches (CAM, affinity, SS), as PSPNet/IRN do with dilation."""
+    """conv1..layer4 of the backbone with `out_channels`, at `output_stride` 32, 16 or 8.
 
-    def __init__(self, cfg: BackboneConfig, dilate_last: bool = False):
+    16 (`dilate_last`, the CAM, AffinityNet and MIL) drops layer4's stride, as PSPNet/IRN
+    do; ResNet-50 dilates, while BasicBlock ResNets and EfficientNet-Lite0 only drop it.
+    8 (the SS branch's option, PSPNet's own output stride) drops the strides of layer3 and
+    layer4 and dilates the spatial convolutions after each dropped stride by 2 and 4, so
+    pretrained filters keep their reach (`_dilate_stage`)."""
+
+    def __init__(self, cfg: BackboneConfig, dilate_last: bool = False,
+                 output_stride: int | None = None):
         super().__init__()
-        if dilate_last and cfg.name in ("resnet50",):
-            net = getattr(models, cfg.name)(weights=None,
-                                            replace_stride_with_dilation=[False, False, True])
+        output_stride = output_stride or (16 if dilate_last else 32)
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, not {output_stride}")
+        if output_stride < 32 and cfg.name in ("resnet50",):
+            net = getattr(models, cfg.name)(
+                weights=None, replace_stride_with_dilation=[False, output_stride == 8, True])
             net.load_state_dict(resnet(cfg.name, cfg.pretrained).state_dict())
         else:
             net = body(cfg.name, cfg.pretrained)
-            if dilate_last and isinstance(net, LiteBody):  # same padding follows the stride
+            if output_stride == 8:
+                _dilate_stage(net.layer3, 1, 2)
+                _dilate_stage(net.layer4, 2, 4)
+            elif output_stride == 16 and isinstance(net, LiteBody):  # same padding follows
                 net.layer4[0]._depthwise_conv.stride = [1, 1]
-            elif dilate_last:  # BasicBlock has no dilation support: drop the stride instead
+            elif output_stride == 16:  # drop the stride (BasicBlock has no dilation)
                 net.layer4[0].conv1.stride = (1, 1)
                 net.layer4[0].downsample[0].stride = (1, 1)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -192,10 +204,31 @@ class Trunk(nn.Module):
             net.layer1, net.layer2, net.layer3, net.layer4)
         self.stage_channels = STAGE_CHANNELS[cfg.name]  # layer1..layer4
         self.out_channels = self.stage_channels[3]
-        self.stride = 16 if dilate_last else 32
+        self.stride = output_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+
+def _dilate_stage(stage: nn.Sequential, first: int, rest: int) -> None:
+    """Stride 1 for every conv of `stage`: the strided conv keeps dilation `first`, every
+    spatial conv after it gets `rest` (the a-trous rule, which makes a ResNet's dilated
+    output equal its strided one on the coarse grid). EfficientNet's convs pad "same"
+    from their dilation at run time; the others get padding that keeps the size."""
+    seen_stride = False
+    for conv in stage.modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        strided = conv.stride[0] > 1
+        conv.stride = (1, 1) if isinstance(conv.stride, tuple) else [1, 1]
+        k = conv.kernel_size[0]
+        if k == 1:
+            continue
+        rate = first if strided or not seen_stride else rest
+        seen_stride = seen_stride or strided
+        conv.dilation = (rate, rate)
+        if conv.padding != (0, 0):  # a fixed-padding conv: keep the size
+            conv.padding = (rate * (k - 1) // 2,) * 2
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,5 +1,6 @@
 """SS branch: an FCN with a PSP pyramid pooling module (Zhao et al. 2017) on the shared
-stride-16 trunk (paper, "Proposed network architecture", semantic segmentation branch).
+trunk at `ss.output_stride` 16 (default) or 8 (PSPNet's) (paper, "Proposed network
+architecture", semantic segmentation branch).
 
 Pyramid pooling: for each bin size (1, 2, 3, 6) adaptive average pooling -> 1x1 conv ->
 bilinear upsampling back to the feature size; the levels are concatenated with the input
@@ -59,9 +60,10 @@ class PyramidPooling(nn.Module):
 
 
 class PSPNet(nn.Module):
-    def __init__(self, backbone: BackboneConfig, num_classes: int, bins: list[int]):
+    def __init__(self, backbone: BackboneConfig, num_classes: int, bins: list[int],
+                 output_stride: int = 16):
         super().__init__()
-        self.trunk = Trunk(backbone, dilate_last=True)
+        self.trunk = Trunk(backbone, output_stride=output_stride)
         self.ppm = PyramidPooling(self.trunk.out_channels, bins)
         self.classifier = nn.Conv2d(self.ppm.out_channels, num_classes + 1, 1)
 
@@ -75,7 +77,8 @@ class PSPNet(nn.Module):
 def load_model(state: dict[str, torch.Tensor], backbone: BackboneConfig, ss: SSConfig,
                num_classes: int) -> PSPNet:
     """A trained PSPNet from `fit_ss(...)["model"]` (no pretrained weights are loaded)."""
-    model = PSPNet(BackboneConfig(backbone.name, "none"), num_classes, ss.bins)
+    model = PSPNet(BackboneConfig(backbone.name, "none"), num_classes, ss.bins,
+                   ss.output_stride)
     model.load_state_dict(state)
     return model.eval()
 
@@ -190,7 +193,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                          drop_last=len(data) >= ss.batch_size * world)
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
-    model = PSPNet(BackboneConfig(**config["backbone"]), config["num_classes"], ss.bins)
+    model = PSPNet(BackboneConfig(**config["backbone"]), config["num_classes"], ss.bins,
+                   ss.output_stride)
     if config.get("init_trunk") is not None:
         load_trunk_state(model.trunk, config["init_trunk"])
     model = ray.train.torch.prepare_model(model)
