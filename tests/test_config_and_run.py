@@ -50,6 +50,23 @@ def test_other_config_is_refused(tmp_path):
     run.check_config(load_config(None, ["round.rounds=7"]), force=True)
 
 
+def test_run_started_before_a_field_existed_continues_without_force(tmp_path):
+    """A code update that adds a config field with a default must not refuse to resume a
+    run directory whose config.yaml predates the field; a field the code no longer knows
+    still makes it a different config."""
+    run = RunDir(str(tmp_path / "run"))
+    run.check_config(load_config())
+    text = run.read_text("config.yaml")
+    assert "  output_stride: 16\n" in text
+    run.write_text("config.yaml", text.replace("  output_stride: 16\n", ""))
+    run.check_config(load_config())  # the missing field reads as its default
+    with pytest.raises(RunDirError, match="different config"):
+        run.check_config(load_config(None, ["ss.output_stride=8"]))
+    run.write_text("config.yaml", text.replace("  output_stride: 16\n", "  old_knob: 1\n"))
+    with pytest.raises(RunDirError, match="different config"):
+        run.check_config(load_config())
+
+
 def test_train_name_follows_config_and_inputs(tmp_path):
     """A resumed step finds its Ray Train checkpoint only when nothing upstream changed."""
     run = RunDir(str(tmp_path / "run"))

@@ -355,6 +355,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(Config, values, "")
 
 
+def parse_config(text: str) -> Config:
+    """A Config from YAML text (a run directory's config.yaml); fields the text lacks take
+    their defaults, so a run made before a field existed reads as that field's default."""
+    loaded = yaml.safe_load(text) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError("config text must hold a mapping at the top level")
+    return _build(Config, loaded, "")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from wsis_ray.config import Config, dump_yaml
+from wsis_ray.config import Config, ConfigError, dump_yaml, parse_config
 from wsis_ray.data.records import resolve_fs
 
 MANIFEST = "manifest.json"
@@ -70,6 +70,10 @@ class RunDir:
         text = dump_yaml(cfg)
         if self.exists(CONFIG):
             old = self.read_text(CONFIG)
+            try:  # a field added to the code since this run started counts as its default
+                old = dump_yaml(parse_config(old))
+            except ConfigError:  # a field since removed: a different config
+                pass
             if old != text and not force:
                 raise RunDirError(
                     f"run directory {self.uri} was made with a different config "
