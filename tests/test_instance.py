@@ -107,6 +107,21 @@ def test_efficientnet_mask_rcnn_takes_the_shared_trunk_and_frozen_batchnorm():
         instance.build_model(cfg, 2, init_trunk=Trunk(BackboneConfig(name="resnet18")).state_dict())
 
 
+def test_efficientnet_fpn_levels_start_on_one_scale():
+    # ImageNet EfficientNet stages end in a linear projection whose outputs are ~10x
+    # ResNet's; un-normalised, the FPN's finest levels start with std > 10 and the first
+    # steps' mask loss explodes. BatchNorm in the FPN keeps every level near unit scale.
+    cfg = ISConfig(backbone="efficientnet_lite0", pretrained="imagenet", min_size=128,
+                   max_size=160, fpn_channels=64)
+    m = instance.build_model(cfg, 2).train()
+    torch.manual_seed(0)
+    x, _ = m.transform([torch.rand(3, 128, 160)])
+    with torch.no_grad():
+        levels = m.backbone(x.tensors)
+    assert all(0.5 < float(v.std()) < 2.0 for v in levels.values()), \
+        {k: float(v.std()) for k, v in levels.items()}
+
+
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
 def test_next_round_takes_the_trunk_of_a_frozen_batchnorm_model(name):
     # Round >= 2: the shared trunk is the previous IS model's body, whose FrozenBatchNorm2d

@@ -70,8 +70,14 @@ def _fpn_backbone(cfg: ISConfig, frozen_bn: bool, load_weights: bool,
     for name, p in net.named_parameters():
         if not any(name.startswith(t) for t in train_prefixes):
             p.requires_grad_(False)
+    # EfficientNet's stages end in a linear projection: with ImageNet weights their outputs
+    # are ~10x ResNet's post-ReLU ones (std 6-8 vs 0.4-0.8 on the demo), which gives the
+    # fresh FPN and heads huge logits in the first steps. BatchNorm in the FPN (as in
+    # torchvision's Mask R-CNN v2) puts every level on one scale.
+    fpn_norm = None if cfg.backbone.startswith("resnet") else nn.BatchNorm2d
     return BackboneWithFPN(net, {f"layer{k}": str(k - 1) for k in range(1, 5)},
-                           list(STAGE_CHANNELS[cfg.backbone]), cfg.fpn_channels)
+                           list(STAGE_CHANNELS[cfg.backbone]), cfg.fpn_channels,
+                           norm_layer=fpn_norm)
 
 
 def build_model(cfg: ISConfig, num_classes: int, *, frozen_bn: bool | None = None,
