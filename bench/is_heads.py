@@ -1,10 +1,13 @@
 """IS branch on CPU: `light_heads` vs torchvision's default box/mask heads; one JSON line.
+With --body NAME instead: the light-heads ResNet-18 from scratch (the demo's IS branch)
+vs light heads on NAME with ImageNet weights (frozen BatchNorm, top 3 stages trained).
 
 Same batch (4 synthetic 160 px images), one torch thread, SGD steps in this process,
 alternating the two models so drifting machine load hits both alike. Reports CPU seconds
 per training step (robust on a shared machine) and wall seconds.
 
   PYTHONPATH=. python bench/is_heads.py [--steps 3] [--repeats 2] [--size 160]
+  PYTHONPATH=. python bench/is_heads.py --body efficientnet_lite0
 """
 from __future__ import annotations
 
@@ -25,9 +28,8 @@ from wsis_ray.branches.common import record_dicts  # noqa: E402
 from wsis_ray.config import ISConfig  # noqa: E402
 
 
-def time_steps(light: bool, batch, steps: int, size: int) -> tuple[float, float, int]:
+def time_steps(cfg: ISConfig, batch, steps: int) -> tuple[float, float, int]:
     torch.manual_seed(0)
-    cfg = ISConfig(light_heads=light, min_size=size, max_size=int(size * 1.4))
     model = instance.build_model(cfg, 2).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                           momentum=0.9)
@@ -49,29 +51,39 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--size", type=int, default=160)
+    ap.add_argument("--body", help="compare ResNet-18 from scratch with this ImageNet body")
     args = ap.parse_args()
+    size = dict(min_size=args.size, max_size=int(args.size * 1.4))
+    if args.body:
+        base, other = "resnet18_scratch", f"{args.body}_imagenet"
+        variants = {base: ISConfig(light_heads=True, **size),
+                    other: ISConfig(light_heads=True, backbone=args.body,
+                                    pretrained="imagenet", **size)}
+    else:
+        base, other = "default", "light"
+        variants = {base: ISConfig(light_heads=False, **size),
+                    other: ISConfig(light_heads=True, **size)}
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         d = make_dataset(Path(tmp), n=4, size=args.size)
         data = instance.ISImages(record_dicts(d["records"]),
                                  instance.read_instance_labels(d["pseudo"]), flip=False)
         batch = instance.collate([data[i] for i in range(4)])
-    res = {True: [], False: []}
+    res = {k: [] for k in variants}
     params = {}
     for _ in range(args.repeats):
-        for light in (False, True):
-            cpu, wall, params[light] = time_steps(light, batch, args.steps, args.size)
-            res[light].append((cpu, wall))
+        for name, cfg in variants.items():
+            cpu, wall, params[name] = time_steps(cfg, batch, args.steps)
+            res[name].append((cpu, wall))
     mean = {k: [sum(x) / len(x) for x in zip(*v)] for k, v in res.items()}
     print(json.dumps({
         "bench": "is_heads", "image_size": args.size, "batch": 4, "threads": 1,
-        "default_cpu_s_per_step": round(mean[False][0], 3),
-        "light_cpu_s_per_step": round(mean[True][0], 3),
-        "cpu_ratio_light_vs_default": round(mean[True][0] / mean[False][0], 3),
-        "default_wall_s_per_step": round(mean[False][1], 3),
-        "light_wall_s_per_step": round(mean[True][1], 3),
-        "params_m": {"default": round(params[False] / 1e6, 1),
-                     "light": round(params[True] / 1e6, 1)},
+        f"{base}_cpu_s_per_step": round(mean[base][0], 3),
+        f"{other}_cpu_s_per_step": round(mean[other][0], 3),
+        f"cpu_ratio_{other}_vs_{base}": round(mean[other][0] / mean[base][0], 3),
+        f"{base}_wall_s_per_step": round(mean[base][1], 3),
+        f"{other}_wall_s_per_step": round(mean[other][1], 3),
+        "params_m": {k: round(v / 1e6, 1) for k, v in params.items()},
     }))
 
 
