@@ -47,7 +47,7 @@ def test_efficientnet_trunk_at_stride_16_and_frozen_batchnorm_keeps_outputs():
 
     from wsis_ray.branches.backbone import freeze_batchnorm
 
-    trunk = Trunk(BackboneConfig(name="efficientnet_lite0"), dilate_last=True).eval()
+    trunk = Trunk(BackboneConfig(name="efficientnet_lite0"), output_stride=16).eval()
     x = torch.randn(2, 3, 80, 112)
     with torch.no_grad():
         y = trunk(x)

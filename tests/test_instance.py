@@ -90,7 +90,7 @@ def test_efficientnet_mask_rcnn_takes_the_shared_trunk_and_frozen_batchnorm():
 
     cfg = ISConfig(backbone="efficientnet_lite0", pretrained="none", min_size=64, max_size=96,
                    fpn_channels=32)
-    trunk = Trunk(BackboneConfig(name="efficientnet_lite0"), dilate_last=True)
+    trunk = Trunk(BackboneConfig(name="efficientnet_lite0"), output_stride=16)
     m = instance.build_model(cfg, 2, frozen_bn=True, init_trunk=trunk.state_dict())
     body = m.backbone.body
     assert isinstance(body.bn1, FrozenBatchNorm2d) and body.bn1.eps == 1e-3

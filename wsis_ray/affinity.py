@@ -42,7 +42,7 @@ class AffinityNet(nn.Module):
 
     def __init__(self, backbone: BackboneConfig, dim: int = 448):
         super().__init__()
-        self.trunk = Trunk(backbone, dilate_last=True)
+        self.trunk = Trunk(backbone, output_stride=16)
         _, c2, c3, c4 = self.trunk.stage_channels
         self.reduce = nn.ModuleList([nn.Conv2d(c, d, 1, bias=False)
                                      for c, d in ((c2, 64), (c3, 128), (c4, 256))])

@@ -35,7 +35,7 @@ class CAMNet(nn.Module):
         super().__init__()
         if pooling not in ("peak", "gap"):
             raise ValueError(f"cam.pooling must be 'peak' or 'gap', got {pooling!r}")
-        self.trunk = Trunk(backbone, dilate_last=True)
+        self.trunk = Trunk(backbone, output_stride=16)
         self.classifier = nn.Conv2d(self.trunk.out_channels, num_classes, 1, bias=False)
         self.pooling = pooling
         self.window = window

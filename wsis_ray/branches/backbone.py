@@ -173,16 +173,14 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 class Trunk(nn.Module):
     """conv1..layer4 of the backbone with `out_channels`, at `output_stride` 32, 16 or 8.
 
-    16 (`dilate_last`, the CAM, AffinityNet and MIL) drops layer4's stride, as PSPNet/IRN
+    16 (the CAM, AffinityNet, MIL and SS) drops layer4's stride, as PSPNet/IRN
     do; ResNet-50 dilates, while BasicBlock ResNets and EfficientNet-Lite0 only drop it.
     8 (the SS branch's option, PSPNet's own output stride) drops the strides of layer3 and
     layer4 and dilates the spatial convolutions after each dropped stride by 2 and 4, so
     pretrained filters keep their reach (`_dilate_stage`)."""
 
-    def __init__(self, cfg: BackboneConfig, dilate_last: bool = False,
-                 output_stride: int | None = None):
+    def __init__(self, cfg: BackboneConfig, output_stride: int = 32):
         super().__init__()
-        output_stride = output_stride or (16 if dilate_last else 32)
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, not {output_stride}")
         if output_stride < 32 and cfg.name in ("resnet50",):

@@ -42,7 +42,7 @@ class WSDDN(nn.Module):
     def __init__(self, backbone: BackboneConfig, num_classes: int, roi_size: int = 7,
                  hidden: int = 256):
         super().__init__()
-        self.trunk = Trunk(backbone, dilate_last=True)
+        self.trunk = Trunk(backbone, output_stride=16)
         self.roi_size = roi_size
         self.fc = nn.Sequential(
             nn.Flatten(), nn.Linear(self.trunk.out_channels * roi_size * roi_size, hidden),
