@@ -343,10 +343,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        values = loaded
+        values = _yaml_mapping(p.read_text(), f"config file {p}")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
@@ -358,10 +355,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def parse_config(text: str) -> Config:
     """A Config from YAML text (a run directory's config.yaml); fields the text lacks take
     their defaults, so a run made before a field existed reads as that field's default."""
+    return _build(Config, _yaml_mapping(text, "config text"), "")
+
+
+def _yaml_mapping(text: str, what: str) -> dict[str, Any]:
     loaded = yaml.safe_load(text) or {}
     if not isinstance(loaded, dict):
-        raise ConfigError("config text must hold a mapping at the top level")
-    return _build(Config, loaded, "")
+        raise ConfigError(f"{what} must hold a mapping at the top level")
+    return loaded
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
