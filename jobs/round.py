@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = steps.Context.open(cfg, run)
     plan = steps.plan(cfg)
     for i, (name, fn) in enumerate(plan):
-        steps.run_step(ctx, name, fn, remaining=[n for n, _ in plan[i + 1:]])
+        steps.run_step(ctx, name, fn, remaining=[n for n, _ in plan[i + 1:]],
+                       inputs=steps.inputs_of(plan, i))
     print(steps.results_table(ctx))
     print(f"\nrun directory: {run.uri}\nreport: {run.uri}/report.md")
     return 0

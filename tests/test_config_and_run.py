@@ -109,3 +109,46 @@ def test_later_rounds_judge_is_box_anchors_by_the_region_rule(tmp_path):
     assert round_ccgr_config(ctx, 2).peak_region == 0.0   # round_1's bags: all peaks
     assert round_ccgr_config(ctx, 3).peak_region == 0.4   # round_2's bags: some from IS
     assert round_ccgr_config(ctx, 3, mask_boxes=True).peak_region == 0.0
+
+
+def test_summary_steps_follow_the_steps_they_summarise(tmp_path):
+    """`final`/`report` are redone once a step before them was added or recomputed: a
+    finished 1-round run continued to 2 rounds must serve round 2, not keep round 1."""
+    import time
+    from types import SimpleNamespace
+
+    from wsis_ray import steps
+
+    run = RunDir(str(tmp_path / "run"))
+    ctx = SimpleNamespace(run=run, started=time.time(), seconds={})
+    calls = []
+
+    def step(name, value):
+        def fn(_ctx):
+            calls.append(name)
+            run.write_text(f"{name}/out.txt", value)
+            return [f"{name}/out.txt"], {}
+        return fn
+
+    def final(_ctx):
+        calls.append("final")
+        last = max(n for n in run.manifest()["steps"] if n.startswith("round_"))
+        run.write_text("final/out.txt", last)
+        return ["final/out.txt"], {"source": last}
+
+    def go(plan):
+        for i, (name, fn) in enumerate(plan):
+            steps.run_step(ctx, name, fn, inputs=steps.inputs_of(plan, i))
+
+    one = [("round_1/eval", step("round_1/eval", "r1")), ("final", final)]
+    go(one)
+    go(one)  # nothing changed: nothing reruns
+    assert calls == ["round_1/eval", "final"]
+    go(one[:1] + [("round_2/eval", step("round_2/eval", "r2")), ("final", final)])
+    assert calls[2:] == ["round_2/eval", "final"]
+    assert run.read_text("final/out.txt") == "round_2/eval"
+    # an input recomputed with other content also redoes the summary
+    run.write_text("round_2/eval/out.txt", "r2 again")
+    run.commit("round_2/eval", ["round_2/eval/out.txt"])
+    assert not run.is_done("final", ["round_1/eval", "round_2/eval"])
+    assert run.is_done("round_2/eval")  # ordinary steps keep their old rule

@@ -87,9 +87,13 @@ class RunDir:
             return {"steps": {}}
         return json.loads(self.read_text(MANIFEST))
 
-    def is_done(self, step: str) -> bool:
+    def is_done(self, step: str, inputs: list[str] | None = None) -> bool:
+        """Committed, its artefacts unchanged, and (given `inputs`) computed from the steps
+        `inputs` as they are committed now."""
         entry = self.manifest()["steps"].get(step)
         if entry is None:
+            return False
+        if inputs is not None and entry.get("inputs") != self.inputs_digest(inputs):
             return False
         # An artefact that vanished or changed after commit means the step is not done.
         return all(self.exists(a) and self._hash(a) == h for a, h in entry["artefacts"].items())
@@ -97,8 +101,14 @@ class RunDir:
     def metrics(self, step: str) -> dict[str, Any]:
         return self.manifest()["steps"][step].get("metrics", {})
 
+    def inputs_digest(self, inputs: list[str]) -> str:
+        """Digest of the committed artefacts of the steps `inputs` (absent ones count too)."""
+        steps = self.manifest()["steps"]
+        state = {n: steps[n]["artefacts"] if n in steps else None for n in inputs}
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
     def commit(self, step: str, artefacts: list[str], metrics: dict[str, Any] | None = None,
-               seconds: float | None = None) -> None:
+               seconds: float | None = None, inputs: list[str] | None = None) -> None:
         missing = [a for a in artefacts if not self.exists(a)]
         if missing:
             raise RunDirError(f"step {step}: artefacts missing at commit: {missing}")
@@ -109,6 +119,8 @@ class RunDir:
             "seconds": seconds,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if inputs is not None:
+            m["steps"][step]["inputs"] = self.inputs_digest(inputs)
         self.write_text(MANIFEST, json.dumps(m, indent=1))  # no sort_keys: keeps commit order
 
     def train_name(self, base: str) -> str:

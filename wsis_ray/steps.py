@@ -158,10 +158,23 @@ def make_seeds(ctx: Context):
     return [], {k: v for k, v in metrics.items() if k != "seconds"}
 
 
-def run_step(ctx: Context, name: str, fn: Step, remaining: list[str] | None = None) -> None:
-    """Run one step unless committed; print a line with elapsed time and an ETA."""
+# Steps that summarise every step before them: redone whenever one of those was added or
+# recomputed (e.g. `--force --set round.rounds=3` on a finished 2-round run must serve and
+# report round 3, not keep round 2's final model).
+SUMMARIES = ("final", "report")
+
+
+def inputs_of(plan: list[tuple[str, Step]], i: int) -> list[str] | None:
+    """What step i of the plan is computed from, when that decides whether it is done."""
+    return [n for n, _ in plan[:i]] if plan[i][0] in SUMMARIES else None
+
+
+def run_step(ctx: Context, name: str, fn: Step, remaining: list[str] | None = None,
+             inputs: list[str] | None = None) -> None:
+    """Run one step unless committed (from `inputs` as committed now, where given); print a
+    line with elapsed time and an ETA."""
     run = ctx.run
-    if run.is_done(name):
+    if run.is_done(name, inputs):
         print(f"[skip] {name} (committed in {run.uri}/manifest.json)", flush=True)
         return
     print(f"[start] {name}  elapsed {_fmt(time.time() - ctx.started)}"
@@ -169,7 +182,7 @@ def run_step(ctx: Context, name: str, fn: Step, remaining: list[str] | None = No
     t0 = time.time()
     artefacts, metrics = fn(ctx)
     seconds = time.time() - t0
-    run.commit(name, artefacts, metrics, seconds)
+    run.commit(name, artefacts, metrics, seconds, inputs)
     ctx.seconds[name] = seconds
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print(f"[done] {name} in {_fmt(seconds)}  {json.dumps(shown)[:300]}", flush=True)
