@@ -17,6 +17,15 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.round.no_ccgr is True
 
 
+def test_exponent_floats_without_a_dot(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; a float field takes it as the number (file and CLI)."""
+    (tmp_path / "c.yaml").write_text("mil:\n  lr: 1e-3\n")
+    cfg = load_config(tmp_path / "c.yaml", ["ss.lr=2E-4"])
+    assert cfg.mil.lr == 1e-3 and cfg.ss.lr == 2e-4
+    with pytest.raises(ConfigError):
+        load_config(None, ["mil.lr=fast"])
+
+
 @pytest.mark.parametrize("override", ["ccgr.iteratons=3", "nosuch.x=1", "ccgr.iterations=abc"])
 def test_bad_keys_and_types_are_errors(override):
     with pytest.raises(ConfigError):

@@ -313,6 +313,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 def _coerce(v: Any, t: Any, name: str) -> Any:
     if t is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
+    if t is float and isinstance(v, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; Python's float() reads it as a number
+        try:
+            return float(v)
+        except ValueError:
+            pass
     origin = typing.get_origin(t) or t
     if origin is list:
         if not isinstance(v, list):
