@@ -81,7 +81,9 @@ class CAMConfig:
     its map's maximum (0 = off, PRM's median rule alone).
     scales: input scales of CAM inference, averaged (with flips) on the largest scale's grid
     (IRN/PSA use 1.0, 0.5, 1.5, 2.0); the CAMs feed the peaks and AffinityNet. Default one
-    scale: four raised peak recall but lowered round 1 end to end (README, seeds).
+    scale: on scratch CAMs four raised peak recall but lowered round 1 end to end;
+    configs/results.yaml (ImageNet CAMs) uses four, which doubled round 1's pseudo masks
+    (README, Results).
     """
     image_size: int = 160
     batch_size: int = 16
