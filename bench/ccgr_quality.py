@@ -37,10 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsis_ray import stages, steps  # noqa: E402
-from wsis_ray.config import load_config  # noqa: E402
 from wsis_ray.data.datasets import load_image  # noqa: E402
 from wsis_ray.data.records import read_table  # noqa: E402
-from wsis_ray.run import RunDir  # noqa: E402
 from wsis_ray.seeds import semantic_gt  # noqa: E402
 
 
@@ -138,9 +136,8 @@ def main() -> None:
                     help="start CCGR at the ground-truth boxes of N training images instead")
     args = ap.parse_args()
 
-    run = RunDir(args.run_dir)
-    cfg = load_config(run.path("config.yaml"), [f"run_dir={args.run_dir}"])
-    ctx = steps.Context.open(cfg, run)
+    ctx = steps.Context.of_run_dir(args.run_dir)
+    run, cfg = ctx.run, ctx.cfg
     if not ctx.train_gt:
         sys.exit("error: this needs ground truth for the training images (e.g. the demo)")
     r, rd = args.round, f"round_{args.round}"

@@ -29,9 +29,7 @@ from torchvision.ops import box_iou
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsis_ray import seeds, steps  # noqa: E402
-from wsis_ray.config import load_config  # noqa: E402
 from wsis_ray.data.records import read_table  # noqa: E402
-from wsis_ray.run import RunDir  # noqa: E402
 
 
 def best_proposal(props: np.ndarray, gt_boxes: np.ndarray) -> int:
@@ -49,9 +47,8 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=1)
     args = ap.parse_args()
 
-    run = RunDir(args.run_dir)
-    cfg = load_config(run.path("config.yaml"), [f"run_dir={args.run_dir}"])
-    ctx = steps.Context.open(cfg, run)
+    ctx = steps.Context.of_run_dir(args.run_dir)
+    run = ctx.run
     if not ctx.train_gt:
         sys.exit("error: this needs ground truth for the training images (e.g. the demo)")
     t0 = time.time()

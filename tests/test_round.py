@@ -61,6 +61,10 @@ def test_round_end_to_end(full_run):
     from wsis_ray.branches import instance
     model, meta = instance.load_checkpoint(str(run / "final" / "model.pt"))
     assert meta["classes"] and meta["round"] == 1
+    # tools reopen a finished run from its stored config
+    from wsis_ray import steps
+    ctx = steps.Context.of_run_dir(str(run))
+    assert ctx.cfg.run_dir == str(run) and ctx.train_gt and ctx.train.records
 
 
 def test_rerun_skips_everything(full_run, address):

@@ -19,13 +19,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from wsis_ray.config import Config
+from wsis_ray.config import Config, load_config
 from wsis_ray.data.datasets import (ImageLabelDataset, load_eval_dataset, load_image,
                                     load_train_dataset)
 from wsis_ray.data.groundtruth import InstanceGT, load_eval_gt
 from wsis_ray.data.records import (BAGS_SCHEMA, PEAKS_SCHEMA, decode_mask, encode_mask,
                                    load_torch_state, read_table, write_table_atomic)
-from wsis_ray.run import RunDir
+from wsis_ray.run import CONFIG, RunDir
 
 Step = Callable[["Context"], tuple[list[str], dict[str, Any]]]
 
@@ -59,6 +59,13 @@ class Context:
         except Exception:
             train_gt = None
         return cls(cfg, run, train, val, val_gt, train_gt)
+
+    @classmethod
+    def of_run_dir(cls, run_dir: str) -> "Context":
+        """The context of an existing run directory, from its stored config (for tools that
+        inspect a run, e.g. bench/ccgr_quality.py)."""
+        run = RunDir(run_dir)
+        return cls.open(load_config(run.path(CONFIG), [f"run_dir={run_dir}"]), run)
 
     @property
     def storage(self) -> str:
