@@ -141,17 +141,17 @@ def main() -> None:
     if not ctx.train_gt:
         sys.exit("error: this needs ground truth for the training images (e.g. the demo)")
     r, rd = args.round, f"round_{args.round}"
-    boxes = read_table(run.uri_of(f"{rd}/boxes.parquet"))
-    rows = stages.image_rows(ctx.train.records, boxes, steps.anchors_table(ctx, r))
     t0 = time.time()
     sources = {"ss": steps.SSScoreFn(run.uri_of(f"{rd}/ss/state.pt"), cfg,
                                      ctx.train.num_classes)(),
                "oracle": oracle_maps(ctx, args.sigma)}
-    if args.gt_start:
+    if args.gt_start:  # the MIL boxes are not needed
         print(json.dumps(gt_start(ctx, sources, args.gt_start, cfg.ccgr)
                          | {"run_dir": args.run_dir, "round": r, "sigma": args.sigma,
                             "seconds": round(time.time() - t0, 1)}), flush=True)
         return
+    boxes = read_table(run.uri_of(f"{rd}/boxes.parquet"))
+    rows = stages.image_rows(ctx.train.records, boxes, steps.anchors_table(ctx, r))
     out = {"bench": "ccgr_quality", "run_dir": args.run_dir, "round": r, "boxes": boxes.num_rows,
            "sigma": args.sigma}
     rules = {"paper_rule": (0.0, False), "region_rule": (0.5, False), "no_peak_rule": (0.0, True)}

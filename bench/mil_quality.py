@@ -23,22 +23,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsis_ray import seeds, steps  # noqa: E402
 from wsis_ray.data.records import read_table  # noqa: E402
+from wsis_ray.proposals import box_iou  # noqa: E402
 
 
 def best_proposal(props: np.ndarray, gt_boxes: np.ndarray) -> int:
     """Row of `props` with the highest IoU with any of `gt_boxes` (0 when there are none)."""
     if not len(gt_boxes):
         return 0
-    iou = box_iou(torch.as_tensor(props, dtype=torch.float64),
-                  torch.as_tensor(gt_boxes, dtype=torch.float64))
-    return int(iou.max(1).values.argmax())
+    return int(box_iou(props, gt_boxes).max(1).argmax())
 
 
 def main() -> None:

@@ -90,22 +90,17 @@ class RunDir:
     def is_done(self, step: str, inputs: list[str] | None = None) -> bool:
         """Committed, its artefacts unchanged, and (given `inputs`) computed from the steps
         `inputs` as they are committed now."""
-        entry = self.manifest()["steps"].get(step)
+        steps = self.manifest()["steps"]
+        entry = steps.get(step)
         if entry is None:
             return False
-        if inputs is not None and entry.get("inputs") != self.inputs_digest(inputs):
+        if inputs is not None and entry.get("inputs") != _inputs_digest(steps, inputs):
             return False
         # An artefact that vanished or changed after commit means the step is not done.
         return all(self.exists(a) and self._hash(a) == h for a, h in entry["artefacts"].items())
 
     def metrics(self, step: str) -> dict[str, Any]:
         return self.manifest()["steps"][step].get("metrics", {})
-
-    def inputs_digest(self, inputs: list[str]) -> str:
-        """Digest of the committed artefacts of the steps `inputs` (absent ones count too)."""
-        steps = self.manifest()["steps"]
-        state = {n: steps[n]["artefacts"] if n in steps else None for n in inputs}
-        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
     def commit(self, step: str, artefacts: list[str], metrics: dict[str, Any] | None = None,
                seconds: float | None = None, inputs: list[str] | None = None) -> None:
@@ -120,7 +115,7 @@ class RunDir:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         if inputs is not None:
-            m["steps"][step]["inputs"] = self.inputs_digest(inputs)
+            m["steps"][step]["inputs"] = _inputs_digest(m["steps"], inputs)
         self.write_text(MANIFEST, json.dumps(m, indent=1))  # no sort_keys: keeps commit order
 
     def train_name(self, base: str) -> str:
@@ -153,3 +148,10 @@ class RunDir:
         with self.fs.open_input_stream(path) as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
+
+
+def _inputs_digest(steps: dict[str, Any], inputs: list[str]) -> str:
+    """Digest of the committed artefacts of the steps `inputs` in a manifest's `steps`
+    (absent ones count too)."""
+    state = {n: steps[n]["artefacts"] if n in steps else None for n in inputs}
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
