@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from wsis_ray.config import ConfigError, load_config
@@ -26,7 +27,8 @@ def test_exponent_floats_without_a_dot(tmp_path):
         load_config(None, ["mil.lr=fast"])
 
 
-@pytest.mark.parametrize("override", ["ccgr.iteratons=3", "nosuch.x=1", "ccgr.iterations=abc"])
+@pytest.mark.parametrize("override", ["ccgr.iteratons=3", "nosuch.x=1", "ccgr.iterations=abc",
+                                      "round.dropped_foreground=drop", "round.supervision=box"])
 def test_bad_keys_and_types_are_errors(override):
     with pytest.raises(ConfigError):
         load_config(None, [override])
@@ -161,3 +163,26 @@ def test_summary_steps_follow_the_steps_they_summarise(tmp_path):
     run.commit("round_2/eval", ["round_2/eval/out.txt"])
     assert not run.is_done("final", ["round_1/eval", "round_2/eval"])
     assert run.is_done("round_2/eval")  # ordinary steps keep their old rule
+
+
+def test_next_semantic_label_keeps_or_ignores_dropped_foreground():
+    """Union of the IS masks (higher score wins); a class without a mask keeps its labels;
+    previous foreground no mask covers is background (paper) or ignored (255)."""
+    from wsis_ray.steps import next_semantic_label
+
+    prev = np.zeros((4, 6), np.uint8)
+    prev[:, :3] = 1          # class 0 labelled on the left half
+    prev[0, 5] = 2           # class 1, which the IS branch misses entirely
+    prev[3, 5] = 255
+    a = np.zeros((4, 6), bool)
+    a[1:3, 1:3] = True       # class 0's mask covers only part of its previous region
+    b = np.zeros((4, 6), bool)
+    b[1:3, 2:5] = True       # a class-2 mask overlapping it with a higher score
+    masks = [(a, 0, 0.7), (b, 2, 0.9)]
+    paper = next_semantic_label(masks, prev, [0, 1, 2], "background")
+    assert paper[1, 1] == 1 and paper[1, 2] == 3 and paper[2, 4] == 3
+    assert paper[0, 5] == 2                      # the missed class keeps its labels
+    assert paper[0, 0] == 0 and paper[3, 5] == 0  # dropped foreground -> background
+    ignore = next_semantic_label(masks, prev, [0, 1, 2], "ignore")
+    assert ignore[0, 0] == 255 and ignore[3, 5] == 255 and ignore[0, 4] == 0
+    assert np.array_equal(ignore[(ignore != 255)], paper[(ignore != 255)])

@@ -260,10 +260,20 @@ class RoundConfig:
     supervision: str = "image"  # image | full (upper bound: Mask R-CNN on GT masks)
     bag_score_threshold: float = 0.5  # IS boxes at least this confident become next bags
     max_bags_per_class: int = 10  # per image and labelled class, the most confident first
+    # next semantic labels: pixels the round's labels called foreground that no confident IS
+    # mask covers become "background" (paper: the union of the IS masks) or "ignore"
+    dropped_foreground: str = "background"
     seed_figures: bool = True  # peak/proposal/bag recall and seed mIoU on val (needs val GT)
     # Also run the comparison rows in the same run (steps.ABLATIONS): CAM baseline, Table 3's
     # round-1 "no Det./no CCGR" and "Det. without CCGR", and the fully supervised upper bound.
     ablations: bool = False
+
+    def __post_init__(self):
+        for name, allowed in (("supervision", ("image", "full")),
+                              ("dropped_foreground", ("background", "ignore"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"round.{name} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -628,19 +628,10 @@ def update(r: int, ctx: Context):
         preds = [x for x in by_image.get(rec.image_id, [])
                  if index[x["category_id"]] in rec.class_ids
                  and x["score"] >= cfg.round.bag_score_threshold]
-        label = np.zeros((rec.height, rec.width), np.uint8)
-        best = np.zeros((rec.height, rec.width), np.float32)
-        for x in preds:  # union of masks per class; where classes overlap the higher score wins
-            m = decode_mask(x["segmentation"]["counts"], rec.height, rec.width) & \
-                (x["score"] > best)
-            label[m], best[m] = index[x["category_id"]] + 1, x["score"]
-        # A labelled class without a confident IS mask keeps its previous labels (as its
-        # bags do), rather than turning into background.
-        missing = [c for c in rec.class_ids if not any(index[x["category_id"]] == c for x in preds)]
-        if missing:
-            prev = read_label_png(ctx, semantic_dir(ctx, r), rec.image_id)
-            for c in missing:
-                label[(prev == c + 1) & (label == 0)] = c + 1
+        masks = [(decode_mask(x["segmentation"]["counts"], rec.height, rec.width),
+                  index[x["category_id"]], x["score"]) for x in preds]
+        prev = read_label_png(ctx, semantic_dir(ctx, r), rec.image_id)
+        label = next_semantic_label(masks, prev, rec.class_ids, cfg.round.dropped_foreground)
         buf = io.BytesIO()
         Image.fromarray(label).save(buf, format="PNG")
         ctx.run.write_bytes(f"{rd}/semantic/{rec.image_id}.png", buf.getvalue())
@@ -668,6 +659,32 @@ def update(r: int, ctx: Context):
                        ctx.run.uri_of(f"{rd}/bags.parquet"))
     return [f"{rd}/bags.parquet", f"{rd}/semantic"], {"bags_from_is": kept,
                                                        "bags_kept_from_before": fallback}
+
+
+def next_semantic_label(masks: list[tuple[np.ndarray, int, float]], prev: np.ndarray,
+                        class_ids: list[int], dropped_foreground: str) -> np.ndarray:
+    """The next round's semantic label (0 background, c+1 class c, 255 ignore) from the
+    confident IS masks (mask, class, score) of one image and the round's own label `prev`.
+
+    Paper: the union of the IS masks per class; where masks of two classes overlap the
+    higher score wins. A labelled class without any confident mask keeps its previous
+    labels (as its bags do) instead of turning into background. Pixels the previous label
+    called foreground (or ignored) that no mask covers become background under the paper's
+    rule (`dropped_foreground` "background") or stay unlabelled ("ignore"): the IS branch
+    trained on cropped score maps under-covers objects, so under the paper's rule each
+    round's labels lose object pixels (README, Results)."""
+    label = np.zeros(prev.shape, np.uint8)
+    best = np.zeros(prev.shape, np.float32)
+    for m, c, score in masks:
+        m = m & (score > best)
+        label[m], best[m] = c + 1, score
+    present = {c for _, c, _ in masks}
+    for c in class_ids:
+        if c not in present:
+            label[(prev == c + 1) & (label == 0)] = c + 1
+    if dropped_foreground == "ignore":
+        label[(label == 0) & (prev != 0)] = 255
+    return label
 
 
 def read_label_png(ctx: Context, dir_uri: str, image_id: int) -> np.ndarray:
