@@ -179,10 +179,14 @@ def test_next_semantic_label_keeps_or_ignores_dropped_foreground():
     b = np.zeros((4, 6), bool)
     b[1:3, 2:5] = True       # a class-2 mask overlapping it with a higher score
     masks = [(a, 0, 0.7), (b, 2, 0.9)]
-    paper = next_semantic_label(masks, prev, [0, 1, 2], "background")
+    paper = next_semantic_label(masks, prev.shape, [0, 1, 2], "background", lambda: prev)
     assert paper[1, 1] == 1 and paper[1, 2] == 3 and paper[2, 4] == 3
     assert paper[0, 5] == 2                      # the missed class keeps its labels
     assert paper[0, 0] == 0 and paper[3, 5] == 0  # dropped foreground -> background
-    ignore = next_semantic_label(masks, prev, [0, 1, 2], "ignore")
+    ignore = next_semantic_label(masks, prev.shape, [0, 1, 2], "ignore", lambda: prev)
     assert ignore[0, 0] == 255 and ignore[3, 5] == 255 and ignore[0, 4] == 0
     assert np.array_equal(ignore[(ignore != 255)], paper[(ignore != 255)])
+    # the previous label is read only when it is needed
+    unread = lambda: pytest.fail("previous label read")  # noqa: E731
+    full = next_semantic_label(masks, prev.shape, [0, 2], "background", unread)
+    assert np.array_equal(full, np.where(paper == 2, 0, paper))

@@ -630,8 +630,9 @@ def update(r: int, ctx: Context):
                  and x["score"] >= cfg.round.bag_score_threshold]
         masks = [(decode_mask(x["segmentation"]["counts"], rec.height, rec.width),
                   index[x["category_id"]], x["score"]) for x in preds]
-        prev = read_label_png(ctx, semantic_dir(ctx, r), rec.image_id)
-        label = next_semantic_label(masks, prev, rec.class_ids, cfg.round.dropped_foreground)
+        label = next_semantic_label(
+            masks, (rec.height, rec.width), rec.class_ids, cfg.round.dropped_foreground,
+            functools.partial(read_label_png, ctx, semantic_dir(ctx, r), rec.image_id))
         buf = io.BytesIO()
         Image.fromarray(label).save(buf, format="PNG")
         ctx.run.write_bytes(f"{rd}/semantic/{rec.image_id}.png", buf.getvalue())
@@ -661,10 +662,12 @@ def update(r: int, ctx: Context):
                                                        "bags_kept_from_before": fallback}
 
 
-def next_semantic_label(masks: list[tuple[np.ndarray, int, float]], prev: np.ndarray,
-                        class_ids: list[int], dropped_foreground: str) -> np.ndarray:
-    """The next round's semantic label (0 background, c+1 class c, 255 ignore) from the
-    confident IS masks (mask, class, score) of one image and the round's own label `prev`.
+def next_semantic_label(masks: list[tuple[np.ndarray, int, float]], shape: tuple[int, int],
+                        class_ids: list[int], dropped_foreground: str,
+                        read_prev: Callable[[], np.ndarray]) -> np.ndarray:
+    """The next round's semantic label (0 background, c+1 class c, 255 ignore) of shape
+    (H, W) from the confident IS masks (mask, class, score) of one image and the round's own
+    label, which `read_prev()` reads only when needed (a class without a mask, or "ignore").
 
     Paper: the union of the IS masks per class; where masks of two classes overlap the
     higher score wins. A labelled class without any confident mask keeps its previous
@@ -673,15 +676,18 @@ def next_semantic_label(masks: list[tuple[np.ndarray, int, float]], prev: np.nda
     rule (`dropped_foreground` "background") or stay unlabelled ("ignore"): the IS branch
     trained on cropped score maps under-covers objects, so under the paper's rule each
     round's labels lose object pixels (README, Results)."""
-    label = np.zeros(prev.shape, np.uint8)
-    best = np.zeros(prev.shape, np.float32)
+    label = np.zeros(shape, np.uint8)
+    best = np.zeros(shape, np.float32)
     for m, c, score in masks:
         m = m & (score > best)
         label[m], best[m] = c + 1, score
     present = {c for _, c, _ in masks}
-    for c in class_ids:
-        if c not in present:
-            label[(prev == c + 1) & (label == 0)] = c + 1
+    missing = [c for c in class_ids if c not in present]
+    if not missing and dropped_foreground != "ignore":
+        return label
+    prev = read_prev()
+    for c in missing:
+        label[(prev == c + 1) & (label == 0)] = c + 1
     if dropped_foreground == "ignore":
         label[(label == 0) & (prev != 0)] = 255
     return label
