@@ -96,6 +96,29 @@ def test_train_name_follows_config_and_inputs(tmp_path):
     assert run.train_name("round_1-is") != recomputed
 
 
+def test_commit_drops_the_committed_steps_ray_train_checkpoints(tmp_path):
+    """A committed training step's Ray Train checkpoints are deleted (its artefact holds the
+    model); an unfinished step's stay, so a killed run still resumes from them."""
+    run = RunDir(str(tmp_path / "run"))
+    run.check_config(load_config())
+    storage = tmp_path / "ray_train"
+    other = storage / "someone-elses-run" / "checkpoint_1"
+    other.mkdir(parents=True)
+    name = run.train_name("round_1-mil", str(storage))
+    (storage / name / "checkpoint_2").mkdir(parents=True)
+    (storage / name / "checkpoint_2" / "state.pt").write_bytes(b"x" * 1000)
+    assert (storage / name).exists()  # training, not yet committed
+    run.write_text("round_1/mil/state.pt", "model")
+    run.commit("round_1/mil", ["round_1/mil/state.pt"])
+    assert not (storage / name).exists()
+    assert other.exists()  # not this step's
+    unrecorded = run.train_name("round_1-ss")  # no storage given: nothing to drop
+    (storage / unrecorded).mkdir()
+    run.write_text("round_1/ss/state.pt", "model")
+    run.commit("round_1/ss", ["round_1/ss/state.pt"])
+    assert (storage / unrecorded).exists()
+
+
 def test_later_rounds_judge_is_box_anchors_by_the_region_rule(tmp_path):
     """Round 1 (PRM peaks) keeps ccgr.peak_region; a round whose bags come from IS boxes
     (null peak) uses ccgr.anchor_region; --no-mil keeps peak_region."""

@@ -32,6 +32,7 @@ class RunDir:
         self.uri = uri.rstrip("/")
         self.fs, self.root = resolve_fs(self.uri)
         self.fs.create_dir(self.root, recursive=True)
+        self._train_runs: list[tuple[str, str]] = []  # (storage, name) to drop at commit
 
     # -- paths -------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -117,17 +118,35 @@ class RunDir:
         if inputs is not None:
             m["steps"][step]["inputs"] = _inputs_digest(m["steps"], inputs)
         self.write_text(MANIFEST, json.dumps(m, indent=1))  # no sort_keys: keeps commit order
+        self._drop_train_runs()
 
-    def train_name(self, base: str) -> str:
+    def _drop_train_runs(self) -> None:
+        """Delete the Ray Train runs of the step just committed: its artefacts now hold the
+        trained model and any rerun trains under a new name (see `train_name`), so their
+        checkpoints (model plus optimizer state, 100-200 MB each) are dead weight."""
+        for storage, name in self._train_runs:
+            fs, root = resolve_fs(storage.rstrip("/"))
+            try:
+                if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound:
+                    fs.delete_dir(f"{root}/{name}")
+            except OSError as e:  # disk space only; the run itself is complete
+                print(f"warning: could not delete Ray Train run {storage}/{name}: {e}", flush=True)
+        self._train_runs = []
+
+    def train_name(self, base: str, storage: str | None = None) -> str:
         """Ray Train run name for a training step: `base` plus a digest of the config and of
         every committed artefact. A step killed mid-training and rerun on the same inputs
         resumes its Ray Train checkpoint; after --force with another config, or once an
         upstream artefact was recomputed, it trains afresh instead of resuming a checkpoint
-        trained on other inputs."""
+        trained on other inputs. Given the Ray Train `storage`, that run's checkpoints are
+        deleted at the next commit."""
         h = hashlib.sha256(self.read_text(CONFIG).encode() if self.exists(CONFIG) else b"")
         steps = self.manifest()["steps"]
         h.update(json.dumps({k: v["artefacts"] for k, v in sorted(steps.items())}).encode())
-        return f"{base}-{h.hexdigest()[:10]}"
+        name = f"{base}-{h.hexdigest()[:10]}"
+        if storage is not None:
+            self._train_runs.append((storage, name))
+        return name
 
     def _hash(self, rel: str) -> str:
         """sha256 of a file, or of a directory's files (names and contents, sorted)."""

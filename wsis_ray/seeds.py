@@ -77,8 +77,9 @@ def train_cam(cfg: Config, dataset, run: RunDir, split: str = "train") -> None:
         "backbone": dataclasses.asdict(cfg.backbone), "cam": dataclasses.asdict(cfg.cam),
         "seed": cfg.train.seed, "checkpoint_every": cfg.train.checkpoint_every,
     }
-    result = fit(peaks.train_loop_per_worker, loop_config, cfg.train, run.train_name("seeds-cam"),
-                 _storage(cfg, run))
+    storage = _storage(cfg, run)
+    result = fit(peaks.train_loop_per_worker, loop_config, cfg.train,
+                 run.train_name("seeds-cam", storage), storage)
     state = load_result_state(result)
     _save_state(run, rel, {"model": state["model"], "classes": list(dataset.classes),
                            "cam": dataclasses.asdict(cfg.cam),
@@ -264,8 +265,9 @@ def train_affinity(cfg: Config, dataset, run: RunDir, split: str = "train") -> N
         "affinity": dataclasses.asdict(cfg.affinity), "init_trunk": init,
         "seed": cfg.train.seed, "checkpoint_every": cfg.train.checkpoint_every,
     }
+    storage = _storage(cfg, run)
     result = fit(affinity.train_loop_per_worker, loop_config, cfg.train,
-                 run.train_name("seeds-affinity"), _storage(cfg, run))
+                 run.train_name("seeds-affinity", storage), storage)
     state = load_result_state(result)
     _save_state(run, rel, {"model": state["model"], "affinity": dataclasses.asdict(cfg.affinity),
                            "backbone": dataclasses.asdict(cfg.backbone)})

@@ -72,6 +72,10 @@ class Context:
         """Where Ray Train keeps checkpoints (shared storage on a cluster)."""
         return self.cfg.train.storage_path or self.run.uri_of("ray_train")
 
+    def train_name(self, base: str) -> str:
+        """The Ray Train run name of a training step; its checkpoints go at the step's commit."""
+        return self.run.train_name(base, self.storage)
+
 
 def init_ray(address: str | None, cfg: Config) -> None:
     import ray
@@ -288,7 +292,7 @@ def train_mil(r: int, ctx: Context):
     cfg, rd = ctx.cfg, f"round_{r}"
     props, bags = ctx.run.uri_of("seeds/proposals.parquet"), bags_uri(ctx, r)
     out = mil.fit_mil(cfg, ctx.train.records, props, bags, ctx.train.num_classes, ctx.storage,
-                      name=ctx.run.train_name(f"{rd}-mil"), init_trunk=init_trunk(ctx, r))
+                      name=ctx.train_name(f"{rd}-mil"), init_trunk=init_trunk(ctx, r))
     save_torch(ctx, f"{rd}/mil/state.pt", {"model": out["model"]})
     save_torch(ctx, f"{rd}/mil/trunk.pt", out["trunk"])
     rows = stages.run_select_stage(
@@ -321,7 +325,7 @@ def train_ss(r: int, ctx: Context):
 
     cfg, rd = ctx.cfg, f"round_{r}"
     out = semseg.fit_ss(cfg, ctx.train.records, semantic_dir(ctx, r), ctx.train.num_classes,
-                        ctx.storage, name=ctx.run.train_name(f"{rd}-ss"), init_trunk=init_trunk(ctx, r))
+                        ctx.storage, name=ctx.train_name(f"{rd}-ss"), init_trunk=init_trunk(ctx, r))
     save_torch(ctx, f"{rd}/ss/state.pt", {"model": out["model"]})
     save_torch(ctx, f"{rd}/ss/trunk.pt", out["trunk"])
     metrics = {"loss": out["metrics"].get("loss"), "val_mIoU": ss_miou(ctx, out["model"])["miou"]}
@@ -509,7 +513,7 @@ def train_is(r: int, ctx: Context, rd: str | None = None):
     init = load_torch(ctx, f"round_{r - 1}/is/trunk.pt") if r > 1 and cfg.backbone.share_trunk \
         else None
     out = instance.fit_instance(cfg, ctx.train.records, ctx.run.uri_of(f"{rd}/pseudo.parquet"),
-                                ctx.train.classes, ctx.storage, name=ctx.run.train_name(f"{rd}-is"),
+                                ctx.train.classes, ctx.storage, name=ctx.train_name(f"{rd}-is"),
                                 init_trunk=init,
                                 checkpoint_uri=ctx.run.uri_of(f"{rd}/is/model.pt"),
                                 meta=_meta(ctx, r))
@@ -526,7 +530,7 @@ def train_is_full(ctx: Context):
                            "images (data.train must be a COCO instances JSON with masks)")
     write_table_atomic(instance.gt_table(ctx.train_gt), ctx.run.uri_of("full/gt.parquet"))
     out = instance.fit_instance(ctx.cfg, ctx.train.records, ctx.run.uri_of("full/gt.parquet"),
-                                ctx.train.classes, ctx.storage, name=ctx.run.train_name("full-is"),
+                                ctx.train.classes, ctx.storage, name=ctx.train_name("full-is"),
                                 checkpoint_uri=ctx.run.uri_of("full/is/model.pt"),
                                 meta=_meta(ctx, 0))
     return ["full/is/model.pt", "full/gt.parquet"], {"loss": out["metrics"].get("loss")}
