@@ -140,8 +140,9 @@ def affinity_loss(affs: list[torch.Tensor], labels: torch.Tensor, radius: int
 def affinity_matrix(affs: list[torch.Tensor], h: int, w: int, radius: int) -> torch.Tensor:
     """Symmetric sparse (N, N) affinity matrix, N = h*w, with self-affinity 1, from the
     per-offset affinities of one image (each (h', w'))."""
-    idx = torch.arange(h * w).reshape(h, w)
-    rows, cols, vals = [idx.flatten()], [idx.flatten()], [torch.ones(h * w)]
+    dev = affs[0].device if affs else torch.device("cpu")
+    idx = torch.arange(h * w, device=dev).reshape(h, w)
+    rows, cols, vals = [idx.flatten()], [idx.flatten()], [torch.ones(h * w, device=dev)]
     for a, (dy, dx) in zip(affs, pair_offsets(radius)):
         (ys, xs), (yt, xt) = _crops(h, w, dy, dx)
         s, t, v = idx[ys, xs].flatten(), idx[yt, xt].flatten(), a.flatten().float()
@@ -208,14 +209,14 @@ def semantic_labels(model: AffinityNet, image: np.ndarray, cam: np.ndarray, clas
     from wsis_ray.peaks import resize_image
 
     model.eval()
-    feats = model(resize_image(image, size)[None])
+    feats = model(resize_image(image, size)[None].to(next(model.parameters()).device))
     gh, gw = feats.shape[-2:]
-    cam_t = resize_maps(cam, (gh, gw)).clamp(0, 1)
+    cam_t = resize_maps(cam, (gh, gw)).to(feats.device).clamp(0, 1)
     scores = torch.cat([background_score(cam_t, bg_power)[None], cam_t])
     affs = [a[0] for a in pair_affinities(feats, radius)]
     walked = random_walk(scores, affinity_matrix(affs, gh, gw, radius), beta, iterations)
     h, w = image.shape[:2]
-    up = resize_maps(walked, (h, w)).numpy()
+    up = resize_maps(walked, (h, w)).cpu().numpy()
     return label_from_scores(up, class_ids, ignore_margin), up
 
 

@@ -77,10 +77,11 @@ def resize_maps(maps, size: tuple[int, int]) -> torch.Tensor:
         x = x[None]
     h, w = x.shape[-2:]
     out_h, out_w = size
-    ys = torch.arange(out_h, dtype=torch.float32) * h / out_h
-    xs = torch.arange(out_w, dtype=torch.float32) * w / out_w
-    gy = (2 * ys / max(h - 1, 1) - 1).clamp(-1, 1) if h > 1 else torch.zeros(out_h)
-    gx = (2 * xs / max(w - 1, 1) - 1).clamp(-1, 1) if w > 1 else torch.zeros(out_w)
+    dev = x.device  # the grid must sit with the maps (GPU training)
+    ys = torch.arange(out_h, dtype=torch.float32, device=dev) * h / out_h
+    xs = torch.arange(out_w, dtype=torch.float32, device=dev) * w / out_w
+    gy = (2 * ys / max(h - 1, 1) - 1).clamp(-1, 1) if h > 1 else torch.zeros(out_h, device=dev)
+    gx = (2 * xs / max(w - 1, 1) - 1).clamp(-1, 1) if w > 1 else torch.zeros(out_w, device=dev)
     grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)
     out = F.grid_sample(x, grid[None].expand(len(x), -1, -1, -1), mode="bilinear",
                         padding_mode="border", align_corners=True)
