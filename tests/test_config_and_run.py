@@ -145,6 +145,26 @@ def test_later_rounds_judge_is_box_anchors_by_the_region_rule(tmp_path):
     assert round_ccgr_config(ctx, 3, mask_boxes=True).peak_region == 0.0
 
 
+def test_round_1_bags_without_source_boxes_read_back_from_parquet(tmp_path):
+    """Round-1 bags have no IS box. A null fixed-size list cannot be read back from Parquet
+    by pyarrow 21 (apache/arrow#35692; seen on a GPU machine's pyarrow), so `source_box` is a
+    plain list."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from wsis_ray.data.records import BAGS_SCHEMA, read_table, write_table_atomic
+
+    rows = [{"image_id": 1, "bag_id": 0, "class_id": 0, "peak_x": 3.0, "peak_y": 4.0,
+             "source_box": None, "proposal_indices": [0]},
+            {"image_id": 1, "bag_id": 1, "class_id": 0, "peak_x": None, "peak_y": None,
+             "source_box": [0.0, 0.0, 8.0, 8.0], "proposal_indices": [1]}]
+    uri = str(tmp_path / "bags.parquet")
+    write_table_atomic(pa.Table.from_pylist(rows, schema=BAGS_SCHEMA), uri)
+    assert [r["source_box"] for r in read_table(uri).to_pylist()] == [None, [0, 0, 8, 8]]
+    stored = pq.read_schema(uri).field("source_box").type
+    assert pa.types.is_list(stored) and not pa.types.is_fixed_size_list(stored)
+
+
 def test_summary_steps_follow_the_steps_they_summarise(tmp_path):
     """`final`/`report` are redone once a step before them was added or recomputed: a
     finished 1-round run continued to 2 rounds must serve round 2, not keep round 1."""

@@ -57,7 +57,10 @@ BAGS_SCHEMA = pa.schema([
     ("class_id", pa.int32()),
     ("peak_x", pa.float32()),           # the bag's peak (round 0) ...
     ("peak_y", pa.float32()),
-    ("source_box", BOX),                # ... or the IS box it came from (later rounds; else null)
+    # ... or the IS box it came from (later rounds; else null). A plain list, not BOX: pyarrow
+    # 21 (measured; releases before apache/arrow#35692's fix) cannot read a null fixed-size
+    # list back from Parquet.
+    ("source_box", pa.list_(pa.float32())),
     ("proposal_indices", pa.list_(pa.int32())),  # into that image's proposals, best-ranked first
 ])
 
