@@ -135,6 +135,15 @@ def test_selective_search_is_deterministic_scored_and_finds_objects():
     assert rec["recall@0.7"] == 1.0
 
 
+def test_opencv_without_contrib_gets_a_clear_error(monkeypatch):
+    """A plain opencv-python (no ximgproc) names the fix instead of an AttributeError."""
+    import cv2
+
+    monkeypatch.delattr(cv2, "ximgproc")
+    with pytest.raises(proposals.ProposalError, match="opencv-contrib-python-headless"):
+        proposals.selective_search(_scene(), max_proposals=5)
+
+
 def test_straddling_objectness_prefers_boxes_along_region_borders():
     seg = np.zeros((20, 20), np.int32)
     seg[5:15, 5:15] = 1

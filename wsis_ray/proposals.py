@@ -33,6 +33,22 @@ class ProposalError(ValueError):
     pass
 
 
+def _ximgproc():
+    """OpenCV's contrib module; plain opencv-python(-headless) lacks it and, installed beside
+    the contrib build (both provide `cv2`), can shadow it."""
+    import cv2
+
+    if not hasattr(cv2, "ximgproc"):
+        raise ProposalError(
+            f"selective search needs OpenCV's contrib module (cv2.ximgproc), which the cv2 "
+            f"at {cv2.__file__} ({cv2.__version__}) lacks. Run `pip uninstall -y opencv-python "
+            f"opencv-python-headless opencv-contrib-python-headless && pip install "
+            f"opencv-contrib-python-headless`, or use precomputed proposals "
+            f"(proposals.method: mcg).")
+    cv2.setNumThreads(1)
+    return cv2.ximgproc
+
+
 def selective_search(image: np.ndarray, max_proposals: int = 300, min_size: int = 4,
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Selective search ("fast") boxes with superpixel-straddling objectness.
@@ -45,10 +61,10 @@ def selective_search(image: np.ndarray, max_proposals: int = 300, min_size: int 
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ProposalError(f"selective_search wants a uint8 HxWx3 image, got "
                             f"{image.dtype} {image.shape}")
-    cv2.setNumThreads(1)
+    ximgproc = _ximgproc()
     cv2.setRNGSeed(0)
     bgr = np.ascontiguousarray(image[:, :, ::-1])
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss = ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(bgr)
     ss.switchToSelectiveSearchFast()
     rects = np.asarray(ss.process(), dtype=np.float32).reshape(-1, 4)  # x, y, w, h
@@ -68,10 +84,7 @@ def selective_search(image: np.ndarray, max_proposals: int = 300, min_size: int 
 
 def superpixels(image: np.ndarray) -> np.ndarray:
     """Felzenszwalb graph segmentation (OpenCV ximgproc): int32 HxW labels 0..S-1."""
-    import cv2
-
-    cv2.setNumThreads(1)
-    seg = cv2.ximgproc.segmentation.createGraphSegmentation(_SEG_SIGMA, _SEG_K, _SEG_MIN)
+    seg = _ximgproc().segmentation.createGraphSegmentation(_SEG_SIGMA, _SEG_K, _SEG_MIN)
     labels = seg.processImage(np.ascontiguousarray(image[:, :, ::-1]))
     return labels.astype(np.int32)
 
