@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from wsis_ray import stages
@@ -70,6 +71,41 @@ def test_ccgr_off_keeps_boxes(inputs):
     for row in table.to_pylist():
         assert row["box_after"] == row["box_before"]
         assert row["stop_reason"] == "disabled"
+
+
+def test_dedupe_keeps_one_refined_box_per_object_and_its_whole_mask(tmp_path):
+    """Two MIL boxes on parts of one object (as IS-box bags give): CCGR takes both to the
+    object. The paper's rule keeps both, and the masks split the object's pixels between
+    them; ccgr.dedupe_iou keeps the higher-scored one, with the whole object as its mask."""
+    p = tmp_path / "0.png"
+    Image.fromarray(np.full((96, 112, 3), 40, np.uint8)).save(p)
+    records = [ImageRecord(1, str(p), 96, 112, (0,))]
+    parts = [([35.0, 25.0, 60.0, 45.0], 0.6, (47.0, 35.0)),
+             ([50.0, 35.0, 75.0, 55.0], 0.9, (62.0, 45.0))]
+    boxes = pa.Table.from_pylist([
+        {"image_id": 1, "bag_id": i, "class_id": 0, "box": b, "score": sc, "peak_x": x,
+         "peak_y": y} for i, (b, sc, (x, y)) in enumerate(parts)], schema=SELECTED_SCHEMA)
+    anchors = pa.Table.from_pylist([{"image_id": 1, "class_id": 0, "x": x, "y": y}
+                                    for _, _, (x, y) in parts])
+    rows = stages.image_rows(records, boxes, anchors)
+    both = stages.refine_local(rows, RectScores(), CCGRConfig(peak_region=0.5), 1).to_pylist()
+    one = stages.refine_local(rows, RectScores(), CCGRConfig(peak_region=0.5, dedupe_iou=0.5),
+                              1).to_pylist()
+    assert len(both) == 2 and all(_iou(r["box_after"], OBJECT) >= 0.9 for r in both)
+    masks = [decode_mask(r["rle_counts"], 96, 112) for r in both]
+    assert max(m[20:60, 30:80].mean() for m in masks) < 0.8  # split between the two
+    assert len(one) == 1 and one[0]["score"] == pytest.approx(0.9)
+    assert decode_mask(one[0]["rle_counts"], 96, 112)[25:55, 35:75].all()
+
+
+def test_dedupe_is_per_image_and_class():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10], [0, 0, 10, 10.]])
+    scores = torch.tensor([0.5, 0.9, 0.4, 0.3])
+    keep = stages.dedupe(boxes, scores, torch.tensor([0, 0, 1, 0]), torch.tensor([0, 0, 0, 1]),
+                         0.5)
+    assert keep.tolist() == [1, 2, 3]
+    assert stages.dedupe(boxes, scores, torch.zeros(4), torch.zeros(4), 0.0).tolist() == \
+        [0, 1, 2, 3]
 
 
 def test_ray_data_stage_matches_plain_loop(inputs, tmp_path, ray_session):

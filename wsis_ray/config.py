@@ -199,6 +199,11 @@ class CCGRConfig:
       (5.9 -> 5.6; oracle maps 21.4), with 0.5 it raises it (5.9 -> 7.9; oracle maps 41.3).
     mask_threshold: a pixel of a refined box joins the pseudo mask where its class wins the
       argmax or scores >= this.
+    dedupe_iou: 0 (default, the paper) keeps every refined box; > 0 keeps, among refined
+      boxes of one class in one image that overlap at IoU >= this, the one of the highest
+      MIL score, before the pseudo masks are cut. IS-box bags give an object several boxes,
+      CCGR drives them onto the same extent, and the pseudo masks split the object's pixels
+      between them (README, Results).
     num_threads: refine() runs with this many torch threads on CPU (restored afterwards):
       its per-iteration tensors are small, and on a busy machine a second thread costs far
       more in synchronisation than it gains (bench/ccgr.py: 2 threads ~28x slower there).
@@ -218,6 +223,7 @@ class CCGRConfig:
     peak_region: float = 0.0  # > 0: a peak joined to the box's own by S >= this is a duplicate
     anchor_region: float = 0.5  # peak_region for rounds whose bags come from IS boxes
     mask_threshold: float = 0.4
+    dedupe_iou: float = 0.0  # > 0: one refined box per object (see above)
     batch_images: int = 8
     record_every: int = 40  # keep the boxes every k iterations (Fig. 5 curve, Fig. 4 pictures)
     num_threads: int = 1  # torch intra-op threads while refining on CPU (0: leave as is)

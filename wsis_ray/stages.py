@@ -159,20 +159,34 @@ def refine_batch(batch: dict[str, np.ndarray], cfg: CCGRConfig, round_index: int
                              cfg.context_scale).tolist()
         iters, reasons = [0] * len(boxes), ["disabled"] * len(boxes)
         traj = None
-    masks = ccgr.pseudo_masks(maps, after, image_index, class_ids, cfg.mask_threshold)
+    kept = dedupe(after, torch.tensor(scores), image_index, class_ids, cfg.dedupe_iou)
+    masks = ccgr.pseudo_masks(maps, after[kept], image_index[kept], class_ids[kept],
+                              cfg.mask_threshold)
     rows = []
-    for k in range(len(boxes)):
+    for m, k in enumerate(kept.tolist()):
         h, w = maps[img_idx[k]].shape[-2:]
         rows.append({
             "image_id": int(batch["image_id"][img_idx[k]]), "class_id": cls[k],
             "box_before": before[k].tolist(), "box_after": after[k].tolist(),
-            "score": scores[k], "rle_counts": encode_mask(masks[k]),
+            "score": scores[k], "rle_counts": encode_mask(masks[m]),
             "height": int(h), "width": int(w), "round": round_index,
             "ccgr_loss": float(loss[k]), "ccgr_iterations": int(iters[k]),
             "stop_reason": reasons[k],
             "box_trajectory": None if traj is None else traj[:, k].tolist(),
         })
     return rows
+
+
+def dedupe(boxes: torch.Tensor, scores: torch.Tensor, image_index: torch.Tensor,
+           class_ids: torch.Tensor, iou: float) -> torch.Tensor:
+    """Indices (ascending) of the boxes kept by per-image, per-class NMS at `iou` on the
+    refined boxes (highest score first); all of them when iou <= 0 (the paper)."""
+    from torchvision.ops import batched_nms
+
+    if iou <= 0 or len(boxes) == 0:
+        return torch.arange(len(boxes))
+    groups = image_index.long() * (int(class_ids.max()) + 1) + class_ids.long()
+    return batched_nms(boxes.float(), scores.float(), groups, iou).sort().values
 
 
 def _clip(boxes: torch.Tensor, maps: list[torch.Tensor], img_idx: list[int]) -> torch.Tensor:

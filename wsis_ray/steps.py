@@ -451,11 +451,22 @@ def refine(r: int, ctx: Context, rd: str | None = None, boxes_from: str | None =
     reasons: dict[str, int] = {}
     for p in pseudo:
         reasons[p["stop_reason"]] = reasons.get(p["stop_reason"], 0) + 1
+    selected = boxes.to_pylist()  # every MIL box, also those ccgr.dedupe_iou drops after CCGR
     metrics = {"pseudo_labels": len(pseudo), "images": info["images"],
-               "pseudo_box_mAP_b@0.5_before": box_ap(ctx, pseudo, "box_before"),
+               "pseudo_box_mAP_b@0.5_before": box_ap(ctx, selected),
                "pseudo_box_mAP_b@0.5_after": box_ap(ctx, pseudo, "box_after"),
                "pseudo_mask_mAP_r@0.5": pseudo_mask_ap(ctx, table),
                "stop_reasons": reasons}
+    if ccgr_cfg.dedupe_iou > 0:  # the same NMS on the MIL boxes: what CCGR adds beyond it
+        import torch
+
+        kept = stages.dedupe(torch.tensor([r["box"] for r in selected]).reshape(-1, 4),
+                             torch.tensor([r["score"] for r in selected]),
+                             torch.tensor([r["image_id"] for r in selected]),
+                             torch.tensor([r["class_id"] for r in selected]),
+                             ccgr_cfg.dedupe_iou)
+        metrics["pseudo_box_mAP_b@0.5_before_deduped"] = box_ap(
+            ctx, [selected[k] for k in kept.tolist()])
     artefacts = [f"{rd}/pseudo.parquet", f"{rd}/pseudo_coco.json"]
     curve = convergence(ctx, pseudo)
     if curve:
