@@ -126,8 +126,9 @@ def main() -> None:
 
     plain_s = steady_step_s(plain, args.batch)
     ray1_s = steady_step_s(runs[1][0], args.batch)
-    # images_per_s of ray_2 is global
-    ray2_s = steady_step_s(runs[2][0], args.batch) if 2 in runs else float("nan")
+    # images_per_s of ray_2 is global; no ray_2 on one GPU
+    ray2_s = steady_step_s(runs[2][0], args.batch) if 2 in runs else None
+    ray2_wall = round(runs[2][1], 1) if 2 in runs else None
     print(json.dumps({
         "bench": "train_is", "device": torch.cuda.get_device_name() if gpu else "cpu",
         "amp": gpu and cfg.train.amp, "image_size": args.size, "batch": args.batch,
@@ -135,15 +136,15 @@ def main() -> None:
         "plain_step_s": round(plain_s, 3), "ray_1_worker_step_s": round(ray1_s, 3),
         "ray_vs_plain_ratio": round(ray1_s / plain_s, 3), "target_ratio": 1.15,
         "images_per_s_1_worker": round(args.batch / ray1_s, 2),
-        "images_per_s_2_workers": round(args.batch / ray2_s, 2) if 2 in runs else None,
-        "scaling_2_vs_1": round(ray1_s / ray2_s, 3) if 2 in runs else None,
+        "images_per_s_2_workers": ray2_s and round(args.batch / ray2_s, 2),
+        "scaling_2_vs_1": ray2_s and round(ray1_s / ray2_s, 3),
         # CPU seconds per step of the training process (all its threads): robust to other
         # processes' load on a shared machine, where the wall-clock figures are not.
         "plain_cpu_s_per_step": round(steady_cpu_s(plain), 3),
         "ray_1_worker_cpu_s_per_step": round(steady_cpu_s(runs[1][0]), 3),
         "cpu_ratio_ray_vs_plain": round(steady_cpu_s(runs[1][0]) / steady_cpu_s(plain), 3),
         "wall_s": {"plain": round(plain_wall, 1), "ray_1": round(runs[1][1], 1),
-                   "ray_2": round(runs[2][1], 1) if 2 in runs else None},
+                   "ray_2": ray2_wall},
         "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
     }))
 

@@ -33,8 +33,7 @@ def test_camnet_and_affinitynet_train_and_infer_on_the_gpu():
     image = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
     cams = np.random.default_rng(1).random((3, 4, 4)).astype(np.float32)
     label, scores = affinity.semantic_labels(net, image, cams, [1], 64, 2, 8.0, 4, 1.0)
-    label_cpu, scores_cpu = affinity.semantic_labels(net.cpu(), image, cams, [1], 64, 2, 8.0,
-                                                     4, 1.0)
+    _, scores_cpu = affinity.semantic_labels(net.cpu(), image, cams, [1], 64, 2, 8.0, 4, 1.0)
     assert label.shape == (48, 64) and np.allclose(scores, scores_cpu, atol=1e-3)
 
 

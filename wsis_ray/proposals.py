@@ -34,8 +34,9 @@ class ProposalError(ValueError):
 
 
 def _ximgproc():
-    """OpenCV's contrib module; plain opencv-python(-headless) lacks it and, installed beside
-    the contrib build (both provide `cv2`), can shadow it."""
+    """OpenCV's contrib module, with OpenCV set to one thread (deterministic output); plain
+    opencv-python(-headless) lacks it and, installed beside the contrib build (both provide
+    `cv2`), can shadow it."""
     import cv2
 
     if not hasattr(cv2, "ximgproc"):
