@@ -18,7 +18,10 @@ vs CCGR iteration, paper's rule).
 With --gt-start N it instead starts CCGR at the ground-truth boxes of the first N training
 images (no peak rule) and reports, per score map, the fraction still at IoU >= 0.5 with
 where they started and how many grew / shrank: whether a map has its Eq. 3 optimum at the
-objects at all, independently of the MIL boxes.
+objects at all, independently of the MIL boxes. Also per map: of the boxes that left their
+object, the share whose Eq. 3 loss is lower where they stopped (the objective moved them,
+not the optimiser), and the share of pseudo masks right at IoU >= 0.5 when cut with the
+ground-truth box and with the refined box (is the box or the map what limits the masks).
 
     PYTHONPATH=. python bench/ccgr_quality.py --run-dir runs/demo [--round 1] [--sigma 2]
                                               [--plot fig5.png]
@@ -103,26 +106,45 @@ def gt_start(ctx: steps.Context, sources: dict, n: int, cfg) -> dict:
     from wsis_ray import ccgr
 
     recs = [r for r in ctx.train.records if r.image_id in ctx.train_gt][:n]
-    boxes, image_index, class_ids = [], [], []
+    boxes, image_index, class_ids, gt_masks = [], [], [], []
     for k, rec in enumerate(recs):
         gt = ctx.train_gt[rec.image_id]
-        for b, c, crowd in zip(gt.boxes, gt.class_ids, gt.iscrowd):
+        for b, c, crowd, m in zip(gt.boxes, gt.class_ids, gt.iscrowd, gt.masks):
             if not crowd:
                 boxes.append(b), image_index.append(k), class_ids.append(int(c))
+                gt_masks.append(m.astype(bool))
     start = torch.as_tensor(np.asarray(boxes), dtype=torch.float64)
+    index, classes = torch.tensor(image_index), torch.tensor(class_ids)
     area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+
+    def masks_right(maps, b) -> float:
+        """Share of pseudo masks cut by boxes b (the round's rule) at IoU >= 0.5 with the
+        instance's own mask."""
+        cut = ccgr.pseudo_masks(maps, b, index, classes, cfg.mask_threshold)
+        return round(float(np.mean([(m & g).sum() >= 0.5 * max(1, (m | g).sum())
+                                    for m, g in zip(cut, gt_masks)])), 3)
+
     out = {"bench": "ccgr_quality_gt_start", "images": len(recs), "instances": len(boxes)}
     for name, fn in sources.items():
         maps = [torch.as_tensor(np.asarray(m)) for m in
                 fn([load_image(r) for r in recs], [r.image_id for r in recs])]
-        end = ccgr.refine(maps, start, torch.tensor(image_index), torch.tensor(class_ids),
-                          cfg=cfg).boxes.to(torch.float64)
+        end = ccgr.refine(maps, start, index, classes, cfg=cfg).boxes.to(torch.float64)
         iou = box_iou(end, start).diagonal()
         ratio = area(end) / area(start)
+        moved = iou < 0.5
+        # Did the boxes leave the objects because Eq. 3 is lower elsewhere on this map (the
+        # objective), or despite it (the optimiser)?
+        loss_start, loss_end = (ccgr.eq3_loss(maps, b, index, classes, cfg.context_scale)
+                                for b in (start, end))
         out[name] = {"iou_ge_0.5": round(float((iou >= 0.5).double().mean()), 3),
                      "mean_iou": round(float(iou.mean()), 3),
                      "grew_over_1.5x": round(float((ratio > 1.5).double().mean()), 3),
-                     "shrank_below_0.67x": round(float((ratio < 0.67).double().mean()), 3)}
+                     "shrank_below_0.67x": round(float((ratio < 0.67).double().mean()), 3),
+                     "moved_with_lower_eq3_loss": round(float(
+                         (loss_end[moved] < loss_start[moved]).double().mean()), 3)
+                     if moved.any() else None,
+                     "masks_right_gt_box": masks_right(maps, start),
+                     "masks_right_refined_box": masks_right(maps, end)}
     return out
 
 
