@@ -63,6 +63,27 @@ def test_false_positive_ranked_first_and_between():
     assert m["coco"]["segm"]["0.5"]["ap"][0] == pytest.approx((51 + 50 * 2 / 3) / 101)
 
 
+def test_class_agnostic_ap_separates_wrong_classes_from_wrong_masks():
+    gt = gt_of([A, B], [0, 1])
+    # right extents, swapped classes: 0 per class, 1 class-agnostic
+    m = ev.evaluate(gt, [res(1, A, 0.9, 2), res(1, B, 0.8, 1)], [1, 2], coco=False)
+    assert m["summary"]["mAP_r@0.5"] == 0.0
+    assert m["summary"]["class_agnostic_AP_r@0.5"] == 1.0
+    assert m["summary"]["class_agnostic_AP_b@0.5"] == 1.0
+    # right classes, one mask off the object: low either way
+    m = ev.evaluate(gt, [res(1, A, 0.9, 1), res(1, FP, 0.8, 2)], [1, 2], coco=False)
+    assert m["summary"]["mAP_r@0.5"] == 0.5
+    assert m["summary"]["class_agnostic_AP_r@0.5"] == 0.5
+    assert "Class-agnostic (all classes as one): AP^r@0.5 50.0, AP^b@0.5 50.0." \
+        in ev.format_table(m)
+    # crowd ground truth stays neither hit nor miss; off when asked
+    gt = gt_of([A, B], [0, 1], crowd=[False, True])
+    m = ev.evaluate(gt, [res(1, B, 0.9, 1), res(1, A, 0.8, 2)], [1, 2], coco=False)
+    assert m["summary"]["class_agnostic_AP_r@0.5"] == 1.0
+    m = ev.evaluate(gt, [res(1, A, 0.9, 1)], [1, 2], coco=False, class_agnostic=False)
+    assert "class_agnostic_AP_r@0.5" not in m["summary"] and "class_agnostic" not in m["voc"]
+
+
 def test_duplicate_is_a_false_positive_and_a_miss_halves_recall():
     gt = gt_of([A, B], [0, 0])
     m = ev.evaluate(gt, [res(1, A, 0.9), res(1, A, 0.8), res(1, B, 0.7)], [1])

@@ -16,6 +16,10 @@ Two protocols, reported side by side:
 
 A class without (non-crowd) ground truth has no AP and is left out of both means.
 
+Beside them, class-agnostic AP^r and AP^b at 0.5 (VOC style, every class merged into one):
+how well the model finds objects' extents whatever class it names. A model far better
+class-agnostic than per class is limited by classification, not by its masks.
+
 Predictions are COCO results JSON: [{"image_id", "category_id", "score",
 "segmentation": {"size": [H, W], "counts": RLE}, "bbox": [x, y, w, h]}]; bbox defaults to
 the mask's box.
@@ -32,7 +36,7 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -299,9 +303,11 @@ def _key(t: float) -> str:
 
 def evaluate(gt: dict[int, InstanceGT], results: list[dict], category_ids: Sequence[int],
              class_names: Sequence[str] | None = None, mask_ious: Sequence[float] = MASK_IOUS,
-             box_ious: Sequence[float] = BOX_IOUS, coco: bool = True) -> dict:
-    """VOC-style mAP^r / mAP^b and the COCOeval variant; see the module docstring.
-    Values are fractions in [0, 1]; a class without ground truth has AP None."""
+             box_ious: Sequence[float] = BOX_IOUS, coco: bool = True,
+             class_agnostic: bool = True) -> dict:
+    """VOC-style mAP^r / mAP^b and the COCOeval variant, and (class_agnostic) the
+    class-agnostic AP at 0.5; see the module docstring. Values are fractions in [0, 1]; a
+    class without ground truth has AP None."""
     names = list(class_names) if class_names is not None else [str(c) for c in category_ids]
     scores, mask_m, box_m, n_pos = collect_matches(gt, results, category_ids, mask_ious, box_ious)
     voc: dict = {"mask": {}, "box": {}}
@@ -309,6 +315,8 @@ def evaluate(gt: dict[int, InstanceGT], results: list[dict], category_ids: Seque
         for t, per_class in table.items():
             voc[kind][_key(t)] = _summ([voc_ap(*precision_recall(scores[c], per_class[c], int(n_pos[c])))
                                         for c in range(len(category_ids))])
+    if class_agnostic and gt:
+        voc["class_agnostic"] = agnostic_ap(gt, results, category_ids)
     excluded = [names[c] for c in range(len(category_ids)) if n_pos[c] == 0]
     metrics = {
         "protocol": "VOC style (chainercv semantics, area under the precision envelope); "
@@ -327,12 +335,29 @@ def evaluate(gt: dict[int, InstanceGT], results: list[dict], category_ids: Seque
     return metrics
 
 
+def agnostic_ap(gt: dict[int, InstanceGT], results: list[dict],
+                category_ids: Sequence[int]) -> dict:
+    """VOC-style AP at IoU 0.5 with every class merged into one: {"mask": AP^r, "box": AP^b}
+    (mask None without masks in the results)."""
+    one = int(category_ids[0])
+    gt1 = {i: replace(g, class_ids=np.zeros_like(g.class_ids)) for i, g in gt.items()}
+    res1 = [dict(r, category_id=one) for r in results]
+    scores, mask_m, box_m, n_pos = collect_matches(gt1, res1, [one], (0.5,), (0.5,))
+    ap = lambda m: voc_ap(*precision_recall(scores[0], m[0.5][0], int(n_pos[0])))  # noqa: E731
+    return {"mask": ap(mask_m) if mask_m else None, "box": ap(box_m)}
+
+
 def _summary(metrics: dict) -> dict:
     s = {}
     for t, v in metrics["voc"]["mask"].items():
         s[f"mAP_r@{t}"] = v["mean"]
     for t, v in metrics["voc"]["box"].items():
         s[f"mAP_b@{t}"] = v["mean"]
+    agn = metrics["voc"].get("class_agnostic")
+    if agn:
+        if agn["mask"] is not None:
+            s["class_agnostic_AP_r@0.5"] = agn["mask"]
+        s["class_agnostic_AP_b@0.5"] = agn["box"]
     for iou_type, per_t in metrics.get("coco", {}).items():
         for t, v in per_t.items():
             s[f"coco_{iou_type}@{t}"] = v["mean"]
@@ -367,6 +392,11 @@ def format_table(metrics: dict) -> str:
     lines.append(f"{metrics['num_images']} images, {metrics['num_gt']} ground-truth instances, "
                  f"{metrics['num_predictions']} predictions. AP^r/AP^b: VOC style (area under the precision "
                  "envelope); C-*: COCOeval (101-point).")
+    agn = metrics["voc"].get("class_agnostic")
+    if agn:
+        lines.append("Class-agnostic (all classes as one): " + (
+            f"AP^r@0.5 {_fmt(agn['mask']).strip()}, " if agn["mask"] is not None else "")
+            + f"AP^b@0.5 {_fmt(agn['box']).strip()}.")
     if metrics["excluded_classes"]:
         lines.append("No ground truth, left out of the means: " + ", ".join(metrics["excluded_classes"]))
     return "\n".join(lines)

@@ -277,7 +277,8 @@ def box_ap(ctx: Context, rows: list[dict], box_key: str = "box") -> float | None
                          float(r[box_key][3] - r[box_key][1])]}
                for r in rows if int(r["image_id"]) in ctx.train_gt]
     gt = {i: g for i, g in ctx.train_gt.items() if any(x.image_id == i for x in ctx.train)}
-    m = evaluate(gt, results, ids, ctx.train.classes, mask_ious=(), coco=False)
+    m = evaluate(gt, results, ids, ctx.train.classes, mask_ious=(), coco=False,
+                 class_agnostic=False)
     return m["voc"]["box"]["0.5"]["mean"]
 
 
@@ -511,7 +512,7 @@ def pseudo_mask_ap(ctx: Context, table: pa.Table) -> float | None:
     res = [x for x in results_from_pseudo_labels(table, ctx.train) if x["image_id"] in ctx.train_gt]
     gt = {r.image_id: ctx.train_gt[r.image_id] for r in ctx.train if r.image_id in ctx.train_gt}
     m = evaluate(gt, res, ctx.train.category_ids, ctx.train.classes, mask_ious=(0.5,),
-                 box_ious=(), coco=False)
+                 box_ious=(), coco=False, class_agnostic=False)
     return m["voc"]["mask"]["0.5"]["mean"]
 
 
@@ -745,18 +746,19 @@ def rounds_done(ctx: Context) -> list[tuple[str, dict]]:
 
 
 def results_table(ctx: Context) -> str:
-    """Per round: val mAP^r at 0.25/0.5/0.7/0.75 and mAP^b_0.5; pseudo-box mAP^b_0.5 on the
-    training images before/after CCGR; step times."""
+    """Per round: val mAP^r at 0.25/0.5/0.7/0.75, mAP^b_0.5 and class-agnostic AP^r_0.5;
+    pseudo-box mAP^b_0.5 on the training images before/after CCGR; step times."""
     steps = ctx.run.manifest()["steps"]
     head = ["round", "mAP^r@0.25", "mAP^r@0.5", "mAP^r@0.7", "mAP^r@0.75", "mAP^b@0.5",
-            "pseudo mAP^b before CCGR", "after CCGR", "pseudo mAP^r@0.5", "SS val mIoU", "minutes"]
+            "class-agnostic AP^r@0.5", "pseudo mAP^b before CCGR", "after CCGR", "pseudo mAP^r@0.5", "SS val mIoU", "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rd, m in rounds_done(ctx):
         cc = steps.get(f"{rd}/ccgr", {}).get("metrics", {})
         ss = steps.get(f"{rd}/ss", {}).get("metrics", {})
         mins = sum((v.get("seconds") or 0) for k, v in steps.items() if k.startswith(rd + "/")) / 60
         vals = [m.get("mAP_r@0.25"), m.get("mAP_r@0.5"), m.get("mAP_r@0.7"), m.get("mAP_r@0.75"),
-                m.get("mAP_b@0.5"), cc.get("pseudo_box_mAP_b@0.5_before"),
+                m.get("mAP_b@0.5"), m.get("class_agnostic_AP_r@0.5"),
+                cc.get("pseudo_box_mAP_b@0.5_before"),
                 cc.get("pseudo_box_mAP_b@0.5_after"), cc.get("pseudo_mask_mAP_r@0.5"),
                 ss.get("val_mIoU")]
         lines.append("| " + " | ".join([rd] + [_pct(v) for v in vals] + [f"{mins:.1f}"]) + " |")
