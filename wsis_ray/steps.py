@@ -750,7 +750,8 @@ def results_table(ctx: Context) -> str:
     pseudo-box mAP^b_0.5 on the training images before/after CCGR; step times."""
     steps = ctx.run.manifest()["steps"]
     head = ["round", "mAP^r@0.25", "mAP^r@0.5", "mAP^r@0.7", "mAP^r@0.75", "mAP^b@0.5",
-            "class-agnostic AP^r@0.5", "pseudo mAP^b before CCGR", "after CCGR", "pseudo mAP^r@0.5", "SS val mIoU", "minutes"]
+            "class-agnostic AP^r@0.5", "pseudo mAP^b before CCGR", "after CCGR",
+            "pseudo mAP^r@0.5", "SS val mIoU", "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rd, m in rounds_done(ctx):
         cc = steps.get(f"{rd}/ccgr", {}).get("metrics", {})
