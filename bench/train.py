@@ -29,8 +29,9 @@ import torch  # noqa: E402
 
 from _branches_synth import CLASSES, make_dataset  # noqa: E402
 from wsis_ray.branches import instance  # noqa: E402
-from wsis_ray.branches.common import (Meter, autocast, grad_scaler, infinite,  # noqa: E402
-                                      record_dicts, seed_everything, warmup_cosine)
+from wsis_ray.branches.common import (Meter, autocast, grad_scaler,  # noqa: E402
+                                      record_dicts, seed_everything, step_batches,
+                                      warmup_cosine)
 from wsis_ray.config import Config, ISConfig  # noqa: E402
 
 
@@ -41,15 +42,14 @@ def plain_run(cfg: Config, records, labels_uri: str, out_dir: str,
     seed_everything(cfg.train.seed)
     data = instance.ISImages(record_dicts(records), instance.read_instance_labels(labels_uri),
                              flip=True)
-    loader = torch.utils.data.DataLoader(data, batch_size=ic.batch_size, shuffle=True,
-                                         collate_fn=instance.collate, drop_last=True)
     model = instance.build_model(ic, len(CLASSES)).to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, ic.steps, min(100, ic.steps // 10 + 1)))
     scaler = grad_scaler(dev, amp)
-    history, meter, batches = [], Meter(), infinite(loader)
+    history, meter = [], Meter()
+    batches = step_batches(data, ic.batch_size, cfg.train.seed, collate_fn=instance.collate)
     for step in range(1, ic.steps + 1):
         images, targets = next(batches)
         images = [im.to(dev) for im in images]

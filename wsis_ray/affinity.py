@@ -276,6 +276,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch as rtt
 
     from wsis_ray import train as rt
+    from wsis_ray.branches.common import step_batches
     from wsis_ray.peaks import read_cams
 
     cfg = config["affinity"]
@@ -289,37 +290,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cams = read_cams(config["cams_uri"], normalize=True)
     data = AffinityImages(config["records"], cams, cfg["image_size"], cfg["fg_threshold"],
                           cfg["bg_threshold"])
-    loader = rtt.prepare_data_loader(torch.utils.data.DataLoader(
-        data, batch_size=cfg["batch_size"], shuffle=True,
-        drop_last=len(data) > cfg["batch_size"]))
     # the trunk starts trained (from the CAM): a 10x smaller step, as the paper's lr schedule
     inner = model.module if hasattr(model, "module") else model
     opt = torch.optim.Adam([
         {"params": inner.trunk.parameters(), "lr": cfg["lr"] * 0.1},
         {"params": [p for n, p in inner.named_parameters() if not n.startswith("trunk.")]},
     ], lr=cfg["lr"], weight_decay=1e-4)
-    step, epoch = 0, 0
+    step = 0
     state = rt.restore()
     if state is not None:
         inner.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step, epoch = state["step"], state["epoch"]
+        step = state["step"]
     every = config.get("checkpoint_every", 50)
+    rank, world = rt.world()
+    dev = rt.device()
+    batches = step_batches(data, cfg["batch_size"], config.get("seed", 0), rank, world, step)
     model.train()
     while step < cfg["steps"]:
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        for x, y in loader:
-            loss, parts = affinity_loss(pair_affinities(model(x), cfg["radius"]),
-                                        y.to(x.device), cfg["radius"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % every == 0 or step == cfg["steps"]:
-                rt.report({"step": step, "steps": cfg["steps"], "loss": float(loss), **parts},
-                          {"model": inner.state_dict(), "optimizer": opt.state_dict(),
-                           "step": step, "epoch": epoch + 1})
-            if step >= cfg["steps"]:
-                break
-        epoch += 1
+        x, y = next(batches)
+        x = x.to(dev)
+        loss, parts = affinity_loss(pair_affinities(model(x), cfg["radius"]), y.to(dev),
+                                    cfg["radius"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        rt.crash_once(config, step)
+        if step % every == 0 or step == cfg["steps"]:
+            rt.report({"step": step, "steps": cfg["steps"], "loss": float(loss), **parts},
+                      {"model": inner.state_dict(), "optimizer": opt.state_dict(),
+                       "step": step})

@@ -244,6 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch as rtt
 
     from wsis_ray import train as rt
+    from wsis_ray.branches.common import step_batches
 
     cam = config["cam"]
     torch.manual_seed(config.get("seed", 0))
@@ -253,34 +254,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    cam["pooling"], cam["peak_window"])
     model = rtt.prepare_model(model)
     data = LabelledImages(config["records"], config["num_classes"], cam["image_size"])
-    loader = rtt.prepare_data_loader(torch.utils.data.DataLoader(
-        data, batch_size=cam["batch_size"], shuffle=True, drop_last=len(data) > cam["batch_size"]))
     opt = torch.optim.Adam(model.parameters(), lr=cam["lr"], weight_decay=cam["weight_decay"])
-    step, epoch = 0, 0
+    step = 0
     state = rt.restore()
     if state is not None:
         _unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step, epoch = state["step"], state["epoch"]
+        step = state["step"]
     every = config.get("checkpoint_every", 50)
+    rank, world = rt.world()
+    dev = rt.device()
+    batches = step_batches(data, cam["batch_size"], config.get("seed", 0), rank, world, step)
     model.train()
     while step < cam["steps"]:
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        for x, y in loader:
-            logits, _ = model(x)
-            loss = F.multilabel_soft_margin_loss(logits, y.to(logits.device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % every == 0 or step == cam["steps"]:
-                rt.report({"step": step, "steps": cam["steps"], "loss": float(loss)},
-                          {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                           "step": step, "epoch": epoch + 1})
-            if step >= cam["steps"]:
-                break
-        epoch += 1
+        x, y = next(batches)
+        logits, _ = model(x.to(dev))
+        loss = F.multilabel_soft_margin_loss(logits, y.to(dev))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        rt.crash_once(config, step)
+        if step % every == 0 or step == cam["steps"]:
+            rt.report({"step": step, "steps": cam["steps"], "loss": float(loss)},
+                      {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                       "step": step})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -144,15 +144,45 @@ class Resumable:
             "step": self.step, "history": self.history, **extra_state})
 
 
-def infinite(loader, sampler_epoch_start: int = 0):
-    """Iterate a DataLoader forever, advancing a DistributedSampler's epoch each pass."""
-    epoch = sampler_epoch_start
+def step_batches(dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 start_step: int = 0, collate_fn=None, drop_last: bool = True):
+    """The batches of steps start_step, start_step + 1, ... (forever), each a function of
+    (seed, rank, step) alone, so a run resumed from a checkpoint at step s trains on exactly
+    what the uninterrupted run did from step s on.
+
+    Epoch e shuffles the dataset with its own generator (seed, e), pads it to a multiple of
+    `world` and gives rank r every world-th index (DistributedSampler's split); step s is
+    batch s mod steps_per_epoch of epoch s // steps_per_epoch, and nothing before it is
+    loaded. Before loading step s the global torch RNG is seeded from (seed, rank, s): the
+    flips drawn while loading and the model's own random draws (dropout, Mask R-CNN's
+    RPN/RoI sampling) then depend on the step, not on what ran before the last restart.
+    `drop_last` drops an epoch's incomplete last batch unless a rank has fewer items than
+    one batch. Items load in the calling process, like a DataLoader with num_workers=0."""
+    collate = collate_fn or torch.utils.data.default_collate
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("step_batches: the dataset is empty")
+    per_rank = math.ceil(n / world)
+    per_epoch = (per_rank // batch_size if drop_last and per_rank >= batch_size
+                 else math.ceil(per_rank / batch_size))
+    step = start_step
     while True:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            _mix_seed(seed, epoch))).tolist()
+        order += order[:per_rank * world - n]
+        shard = order[rank::world]
+        for k in range(k, per_epoch):
+            torch.manual_seed(_mix_seed(seed, rank, step))
+            yield collate([dataset[i] for i in shard[k * batch_size:(k + 1) * batch_size]])
+            step += 1
+
+
+def _mix_seed(*values: int) -> int:
+    """One 63-bit seed from several integers (numpy's SeedSequence hashing, so nearby
+    tuples such as (seed, step) and (seed, step + 1) give unrelated streams)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
 
 
 def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -336,8 +336,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     init_trunk (optional Trunk state dict)."""
     import ray.train.torch
     from wsis_ray import train as rt
-    from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler, infinite,
-                                          seed_everything, unwrap, warmup_cosine)
+    from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler,
+                                          seed_everything, step_batches, unwrap,
+                                          warmup_cosine)
     from wsis_ray.config import TrainConfig
 
     cfg, tc = config_from_dict(config["instance"]), TrainConfig(**config["train"])
@@ -348,10 +349,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if len(data) == 0:
         raise ValueError(f"IS branch: no training image has an instance label in "
                          f"{config['labels_uri']}")
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True,
-                                         collate_fn=collate,
-                                         drop_last=len(data) >= cfg.batch_size * world)
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
     model = build_model(cfg, config["num_classes"], init_trunk=config.get("init_trunk"))
     model = ray.train.torch.prepare_model(model)
@@ -366,7 +363,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model.train()
     meter = Meter()
-    batches = infinite(loader, sampler_epoch_start=step)
+    batches = step_batches(data, cfg.batch_size, tc.seed, rank, world, step, collate)
     while step < cfg.steps:
         images, targets = next(batches)
         images = [im.to(dev) for im in images]

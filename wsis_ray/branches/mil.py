@@ -23,9 +23,9 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from wsis_ray.branches.backbone import Trunk, load_trunk_state, normalize
-from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler, infinite, load_rgb,
-                                      resize_image, seed_everything, sub_state, unwrap,
-                                      warmup_cosine)
+from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler, load_rgb,
+                                      resize_image, seed_everything, step_batches, sub_state,
+                                      unwrap, warmup_cosine)
 from wsis_ray.config import BackboneConfig, MILConfig, TrainConfig
 from wsis_ray.data.records import read_table
 
@@ -174,10 +174,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = MILImages(config["records"], inputs, mil.image_size, flip=True)
     if len(data) == 0:
         raise ValueError("MIL branch: no training image has a non-empty bag")
-    loader = torch.utils.data.DataLoader(data, batch_size=mil.batch_size, shuffle=True,
-                                         collate_fn=collate, drop_last=len(data) >= mil.batch_size
-                                         * world)
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
     model = WSDDN(BackboneConfig(**config["backbone"]), config["num_classes"], mil.roi_size,
                   mil.hidden)
@@ -194,7 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model.train()
     meter = Meter()
-    batches = infinite(loader, sampler_epoch_start=step)
+    batches = step_batches(data, mil.batch_size, tc.seed, rank, world, step, collate)
     while step < mil.steps:
         images, boxes, bags = next(batches)
         images, boxes = images.to(dev), [b.to(dev) for b in boxes]

@@ -23,9 +23,9 @@ from PIL import Image
 from torch import nn
 
 from wsis_ray.branches.backbone import Trunk, load_trunk_state, normalize
-from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler, infinite, load_rgb,
-                                      resize_image, resize_labels, seed_everything, sub_state,
-                                      unwrap, warmup_cosine)
+from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler, load_rgb,
+                                      resize_image, resize_labels, seed_everything, step_batches,
+                                      sub_state, unwrap, warmup_cosine)
 from wsis_ray.config import BackboneConfig, SSConfig, TrainConfig
 from wsis_ray.data.records import resolve_fs
 
@@ -189,9 +189,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(tc.seed + rank)
     dev = rt.device()
     data = SSImages(config["records"], config["labels_dir"], ss.image_size, flip=True)
-    loader = torch.utils.data.DataLoader(data, batch_size=ss.batch_size, shuffle=True,
-                                         drop_last=len(data) >= ss.batch_size * world)
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
     model = PSPNet(BackboneConfig(**config["backbone"]), config["num_classes"], ss.bins,
                    ss.output_stride)
@@ -208,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model.train()
     meter = Meter()
-    batches = infinite(loader, sampler_epoch_start=step)
+    batches = step_batches(data, ss.batch_size, tc.seed, rank, world, step)
     while step < ss.steps:
         images, labels = next(batches)
         images, labels = images.to(dev), labels.to(dev)
