@@ -17,8 +17,8 @@ def _cfg(seed: int = 0) -> Config:
     cfg = Config()
     cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.seed = 1, 1, seed
     cfg.train.checkpoint_every, cfg.train.max_failures = 2, 1
-    cfg.mil.steps, cfg.mil.lr, cfg.mil.image_size, cfg.mil.batch_size = 5, 1e-3, 64, 2
-    cfg.ss.steps, cfg.ss.image_size, cfg.ss.batch_size = 5, 64, 2
+    cfg.mil.steps, cfg.mil.lr, cfg.mil.image_size, cfg.mil.batch_size = 7, 1e-3, 64, 2
+    cfg.ss.steps, cfg.ss.image_size, cfg.ss.batch_size = 7, 64, 2
     return cfg
 
 
@@ -28,14 +28,15 @@ def _differing(a: dict, b: dict) -> list[str]:
 
 
 def _crash(tmp_path, name: str) -> dict:
-    # the worker dies after step 3; the last checkpoint is step 2's
-    return {"crash_at_step": 3, "crash_marker": str(tmp_path / f"{name}.crashed")}
+    # the worker dies after step 5; it resumes from step 4's checkpoint, or from step 2's
+    # when step 4's report was not yet committed (Ray Train reports asynchronously)
+    return {"crash_at_step": 5, "crash_marker": str(tmp_path / f"{name}.crashed")}
 
 
 @pytest.mark.ray
 def test_training_is_bit_reproducible_across_runs_and_a_mid_training_resume(ray_session,
                                                                             tmp_path):
-    d = make_dataset(tmp_path / "data", n=7)  # 3 steps per epoch: step 5 is in epoch 1
+    d = make_dataset(tmp_path / "data", n=7)  # 3 steps per epoch: resumed mid-epoch
 
     def fit_mil(name, seed=0, extra=None):
         return mil.fit_mil(_cfg(seed), d["records"], d["proposals"], d["bags"], 2,
@@ -44,7 +45,7 @@ def test_training_is_bit_reproducible_across_runs_and_a_mid_training_resume(ray_
     a = fit_mil("mil_a")
     b = fit_mil("mil_b", extra=_crash(tmp_path, "mil_b"))
     assert (tmp_path / "mil_b.crashed").exists()
-    assert b["history"][-1]["resumed_from"] == 2
+    assert b["history"][-1]["resumed_from"] in (2, 4)
     assert _differing(a["model"], b["model"]) == []
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
     # the seed is what fixes them: another seed (order, flips, head init), other weights
@@ -55,7 +56,7 @@ def test_training_is_bit_reproducible_across_runs_and_a_mid_training_resume(ray_
                              extra=extra)
 
     a, b = fit_ss("ss_a"), fit_ss("ss_b", extra=_crash(tmp_path, "ss_b"))
-    assert b["history"][-1]["resumed_from"] == 2
+    assert b["history"][-1]["resumed_from"] in (2, 4)
     assert _differing(a["model"], b["model"]) == []
 
 
