@@ -7,7 +7,11 @@ metrics and, when given a state, a checkpoint. `fit()` wraps it in a `TorchTrain
 user scales from one CPU process to a GPU cluster by changing `TrainConfig` only.
 
 Fault tolerance: `FailureConfig(max_failures)` replaces a dead worker group and the loop
-starts again from `restore()`, i.e. from the last `report(..., state)`.
+starts again from `restore()`, i.e. from the last `report(..., state)`; the loops draw their
+batches with `branches.common.step_batches`, so the resumed run trains on what the
+uninterrupted one would have. Workers die for real, and also under heavy load on Ray 2.60,
+whose PlacementGroupCleaner can take an unanswered State API query for a dead controller
+and remove the live run's placement group (README, Results 2026-11-30 late night).
 """
 from __future__ import annotations
 
