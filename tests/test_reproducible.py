@@ -1,15 +1,16 @@
-"""Training is a function of its inputs and `train.seed`: the MIL and SS branches trained
-twice under Ray Train give bit-identical weights, also when the second run's worker dies
+"""Training is a function of its inputs and `train.seed`: the MIL branch trained twice
+under Ray Train gives bit-identical weights, also when the second run's worker dies
 mid-training and resumes from its last checkpoint (`common.step_batches` makes each
 step's batch and random draws depend on the step alone). So two runs of one config differ
 only where their inputs or code do, and a killed job ends where an uninterrupted one does
-(README "What the demo run does and writes"). The CAM, AffinityNet and IS loops use the
-same `step_batches`; Mask R-CNN is too slow on CPU to train three times here."""
+(README "What the demo run does and writes"). The CAM, AffinityNet, SS and IS loops draw
+their batches the same way; one branch keeps the suite's time down (each fit with a restart
+costs tens of seconds of Ray Train start-up)."""
 import pytest
 import torch
 
 from _branches_synth import make_dataset
-from wsis_ray.branches import mil, semseg
+from wsis_ray.branches import mil
 from wsis_ray.config import Config
 
 
@@ -18,7 +19,6 @@ def _cfg(seed: int = 0) -> Config:
     cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.seed = 1, 1, seed
     cfg.train.checkpoint_every, cfg.train.max_failures = 2, 1
     cfg.mil.steps, cfg.mil.lr, cfg.mil.image_size, cfg.mil.batch_size = 7, 1e-3, 64, 2
-    cfg.ss.steps, cfg.ss.image_size, cfg.ss.batch_size = 7, 64, 2
     return cfg
 
 
@@ -50,14 +50,6 @@ def test_training_is_bit_reproducible_across_runs_and_a_mid_training_resume(ray_
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
     # the seed is what fixes them: another seed (order, flips, head init), other weights
     assert _differing(a["model"], fit_mil("mil_c", seed=1)["model"])
-
-    def fit_ss(name, extra=None):
-        return semseg.fit_ss(_cfg(), d["records"], d["semantic"], 2, str(tmp_path / name),
-                             extra=extra)
-
-    a, b = fit_ss("ss_a"), fit_ss("ss_b", extra=_crash(tmp_path, "ss_b"))
-    assert b["history"][-1]["resumed_from"] in (2, 4)
-    assert _differing(a["model"], b["model"]) == []
 
 
 def test_step_batches_resume_mid_epoch_and_split_ranks():
