@@ -57,7 +57,7 @@ def test_step_batches_resume_mid_epoch_and_split_ranks():
 
     data = list(range(10))
     take = lambda it, k: [next(it).tolist() for _ in range(k)]
-    full = take(step_batches(data, 3, seed=0), 7)  # 3 batches per epoch (drop_last)
+    full = take(step_batches(data, 3, seed=0), 7)  # 3 batches per epoch (the last item dropped)
     assert take(step_batches(data, 3, seed=0, start_step=4), 3) == full[4:]
     assert sorted(sum(full[:3], [])) == sorted(sum(full[3:6], [])) != sum(full[:3], [])
     assert len(set(sum(full[:3], []))) == 9  # no repeats within an epoch

@@ -145,7 +145,7 @@ class Resumable:
 
 
 def step_batches(dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 start_step: int = 0, collate_fn=None, drop_last: bool = True):
+                 start_step: int = 0, collate_fn=None):
     """The batches of steps start_step, start_step + 1, ... (forever), each a function of
     (seed, rank, step) alone, so a run resumed from a checkpoint at step s trains on exactly
     what the uninterrupted run did from step s on.
@@ -156,23 +156,22 @@ def step_batches(dataset, batch_size: int, seed: int, rank: int = 0, world: int 
     loaded. Before loading step s the global torch RNG is seeded from (seed, rank, s): the
     flips drawn while loading and the model's own random draws (dropout, Mask R-CNN's
     RPN/RoI sampling) then depend on the step, not on what ran before the last restart.
-    `drop_last` drops an epoch's incomplete last batch unless a rank has fewer items than
-    one batch. Items load in the calling process, like a DataLoader with num_workers=0."""
+    An epoch's incomplete last batch is dropped unless a rank has fewer items than one
+    batch. Items load in the calling process, like a DataLoader with num_workers=0."""
     collate = collate_fn or torch.utils.data.default_collate
     n = len(dataset)
     if n == 0:
         raise ValueError("step_batches: the dataset is empty")
     per_rank = math.ceil(n / world)
-    per_epoch = (per_rank // batch_size if drop_last and per_rank >= batch_size
-                 else math.ceil(per_rank / batch_size))
+    per_epoch = per_rank // batch_size if per_rank >= batch_size else 1
     step = start_step
     while True:
-        epoch, k = divmod(step, per_epoch)
+        epoch, first = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
             _mix_seed(seed, epoch))).tolist()
         order += order[:per_rank * world - n]
         shard = order[rank::world]
-        for k in range(k, per_epoch):
+        for k in range(first, per_epoch):
             torch.manual_seed(_mix_seed(seed, rank, step))
             yield collate([dataset[i] for i in shard[k * batch_size:(k + 1) * batch_size]])
             step += 1
