@@ -276,7 +276,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch as rtt
 
     from wsis_ray import train as rt
-    from wsis_ray.branches.common import step_batches
+    from wsis_ray.branches.common import step_batches, unwrap
     from wsis_ray.peaks import read_cams
 
     cfg = config["affinity"]
@@ -291,7 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = AffinityImages(config["records"], cams, cfg["image_size"], cfg["fg_threshold"],
                           cfg["bg_threshold"])
     # the trunk starts trained (from the CAM): a 10x smaller step, as the paper's lr schedule
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
     opt = torch.optim.Adam([
         {"params": inner.trunk.parameters(), "lr": cfg["lr"] * 0.1},
         {"params": [p for n, p in inner.named_parameters() if not n.startswith("trunk.")]},

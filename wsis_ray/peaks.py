@@ -244,7 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch as rtt
 
     from wsis_ray import train as rt
-    from wsis_ray.branches.common import step_batches
+    from wsis_ray.branches.common import step_batches, unwrap
 
     cam = config["cam"]
     torch.manual_seed(config.get("seed", 0))
@@ -258,7 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = 0
     state = rt.restore()
     if state is not None:
-        _unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
     every = config.get("checkpoint_every", 50)
@@ -277,12 +277,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rt.crash_once(config, step)
         if step % every == 0 or step == cam["steps"]:
             rt.report({"step": step, "steps": cam["steps"], "loss": float(loss)},
-                      {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                      {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                        "step": step})
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 # -- CAM responses on disk (Parquet, plain pyarrow) ------------------------------------------
