@@ -50,6 +50,32 @@ def test_predict_shapes_and_coco_round_trip(model):
     assert all((h["scores"] >= 0.99).all() for h in high)
 
 
+def test_threshold_above_the_floor_gives_the_filtered_outputs_and_restores_it(model):
+    """predict() raises the model's box score floor for the forward (no masks for boxes it
+    would drop): the answer equals the floor-level answer filtered afterwards."""
+    images = _images()
+    floor = model.roi_heads.score_thresh
+    low = instance.predict(model, images, score_threshold=0.0)
+    scores = np.concatenate([o["scores"] for o in low])
+    cut = float(np.sort(scores)[len(scores) // 2])  # a score that occurs: >= keeps it
+    rois = []  # RoIs through the mask head: only those of returned boxes
+    hook = model.roi_heads.mask_head.register_forward_hook(
+        lambda m, args, out: rois.append(len(out)))
+    try:
+        high = instance.predict(model, images, score_threshold=cut)
+    finally:
+        hook.remove()
+    assert model.roi_heads.score_thresh == floor and not model.training
+    assert sum(rois) == sum(len(h["scores"]) for h in high)
+    kept = 0
+    for lo, hi in zip(low, high):
+        keep = lo["scores"] >= cut
+        kept += int(keep.sum())
+        for key in ("boxes", "scores", "class_ids", "masks"):
+            assert np.array_equal(lo[key][keep], hi[key]), key
+    assert 0 < kept < len(scores)
+
+
 def test_checkpoint_round_trip_gives_identical_outputs(model, tmp_path):
     uri = str(tmp_path / "is" / "model.pt")
     instance.save_checkpoint(uri, model, {"classes": ["a", "b", "c"], "category_ids": [5, 7, 9],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 import uuid
 from typing import Any
 
@@ -193,19 +194,36 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0
 
 
+# predict() lowers/raises the model's box score floor for one forward: one forward at a time
+_FLOOR_LOCK = threading.Lock()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: list[np.ndarray],
             score_threshold: float = 0.05) -> list[dict[str, np.ndarray]]:
     """One batched forward over `images`; per image: boxes (N,4) float32 xyxy, class_ids
-    (N,) int64 0-based, scores (N,) float32, masks (N,H,W) bool (mask probability > 0.5)."""
+    (N,) int64 0-based, scores (N,) float32, masks (N,H,W) bool (mask probability > 0.5).
+
+    A `score_threshold` above the model's own box score floor (`roi_heads.score_thresh`)
+    becomes the floor for this forward, so masks are predicted and pasted only for the boxes
+    returned. Same boxes as filtering afterwards: torchvision drops boxes under the floor
+    before NMS and top-k, and NMS suppresses a box only by a higher-scoring one."""
     model = getattr(model, "module", model)
     if not images:
         return []
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    raw = model([to_tensor(im).to(device) for im in images])
-    model.train(was_training)
+    heads = model.roi_heads
+    with _FLOOR_LOCK:
+        was_training, floor = model.training, heads.score_thresh
+        # torchvision keeps scores > floor; we keep scores >= score_threshold
+        heads.score_thresh = max(floor, float(np.nextafter(np.float32(score_threshold),
+                                                           np.float32(-1))))
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            raw = model([to_tensor(im).to(device) for im in images])
+        finally:
+            heads.score_thresh = floor
+            model.train(was_training)
     outputs = []
     for im, r in zip(images, raw):
         keep = r["scores"] >= score_threshold
