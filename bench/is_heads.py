@@ -1,6 +1,8 @@
 """IS branch on CPU: `light_heads` vs torchvision's default box/mask heads; one JSON line.
 With --body NAME instead: the light-heads ResNet-18 from scratch (the demo's IS branch)
 vs light heads on NAME with ImageNet weights (frozen BatchNorm, top 3 stages trained).
+With --fpn-channels N: the demo's light-heads ResNet-18 with its FPN (and so its RPN and
+RoI heads' input) 256 channels wide, torchvision's default, vs N wide.
 
 Same batch (4 synthetic 160 px images), one torch thread, SGD steps in this process,
 alternating the two models so drifting machine load hits both alike. Reports CPU seconds
@@ -8,6 +10,7 @@ per training step (robust on a shared machine) and wall seconds.
 
   PYTHONPATH=. python bench/is_heads.py [--steps 3] [--repeats 2] [--size 160]
   PYTHONPATH=. python bench/is_heads.py --body efficientnet_lite0
+  PYTHONPATH=. python bench/is_heads.py --fpn-channels 128 --size 128
 """
 from __future__ import annotations
 
@@ -52,9 +55,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--body", help="compare ResNet-18 from scratch with this ImageNet body")
+    ap.add_argument("--fpn-channels", type=int, help="compare FPN width 256 with this width")
     args = ap.parse_args()
     size = dict(min_size=args.size, max_size=int(args.size * 1.4))
-    if args.body:
+    if args.fpn_channels:
+        base, other = "fpn256", f"fpn{args.fpn_channels}"
+        variants = {base: ISConfig(light_heads=True, **size),
+                    other: ISConfig(light_heads=True, fpn_channels=args.fpn_channels, **size)}
+    elif args.body:
         base, other = "resnet18_scratch", f"{args.body}_imagenet"
         variants = {base: ISConfig(light_heads=True, **size),
                     other: ISConfig(light_heads=True, backbone=args.body,
