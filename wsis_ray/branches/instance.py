@@ -194,7 +194,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0
 
 
-# predict() lowers/raises the model's box score floor for one forward: one forward at a time
+# predict() raises the model's box score floor for one forward: one forward at a time
 _FLOOR_LOCK = threading.Lock()
 
 
