@@ -36,6 +36,7 @@ from torchvision.ops import misc as misc_ops
 
 from wsis_ray.branches.backbone import STAGE_CHANNELS, freeze_batchnorm, trunk_to_resnet_state
 from wsis_ray.branches.backbone import body as backbone_body
+from wsis_ray.branches.common import unwrap
 from wsis_ray.config import ISConfig
 from wsis_ray.data.records import encode_mask, resolve_fs
 
@@ -121,7 +122,7 @@ def build_model(cfg: ISConfig, num_classes: int, *, frozen_bn: bool | None = Non
 
 def trunk_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The ResNet body of a Mask R-CNN as a `Trunk` state dict (for the next branch)."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     out = {}
     for k, v in model.backbone.body.state_dict().items():
         k = k.replace("conv1.", "stem.0.", 1) if k.startswith("conv1.") else k
@@ -140,7 +141,7 @@ def save_checkpoint(uri: str, model: nn.Module, meta: dict[str, Any]) -> None:
     """One file with the weights and `meta` (plain types only): at least `classes` and
     `config` (the ISConfig as a dict); usually also `category_ids`, run/round/metrics.
     Written under a temporary name and renamed, so a reader never sees half a file."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     for key in ("classes", "config"):
         if key not in meta:
             raise ValueError(f"save_checkpoint({uri}): meta needs '{key}'")
@@ -208,7 +209,7 @@ def predict(model: nn.Module, images: list[np.ndarray],
     becomes the floor for this forward, so masks are predicted and pasted only for the boxes
     returned. Same boxes as filtering afterwards: torchvision drops boxes under the floor
     before NMS and top-k, and NMS suppresses a box only by a higher-scoring one."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     if not images:
         return []
     heads = model.roi_heads
@@ -355,8 +356,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from wsis_ray import train as rt
     from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler,
-                                          seed_everything, step_batches, unwrap,
-                                          warmup_cosine)
+                                          seed_everything, step_batches, warmup_cosine)
     from wsis_ray.config import TrainConfig
 
     cfg, tc = config_from_dict(config["instance"]), TrainConfig(**config["train"])
