@@ -210,3 +210,61 @@ def test_instance_trains_on_two_workers_and_writes_a_serve_checkpoint(ray_sessio
     assert meta["metrics"]["step"] == 8
     outs = instance.predict(model, [np.zeros((64, 64, 3), np.uint8)], 0.0)
     assert outs[0]["masks"].shape[1:] == (64, 64)
+
+
+def test_weight_average_follows_the_warmed_up_decay_and_loads_as_a_model():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = instance.weight_average(net, decay=0.5)
+    start = net[0].weight.detach().clone()
+    ema.update_parameters(net)  # the first update copies
+    assert torch.equal(ema.module[0].weight, start)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net.train()(torch.randn(4, 3))  # moves the BatchNorm statistics and its counter
+    ema.update_parameters(net)  # n = 1: decay min(0.5, 2 / 11)
+    d = 2 / 11
+    assert torch.allclose(ema.module[0].weight, d * start + (1 - d) * net[0].weight)
+    run_mean = net[1].running_mean
+    assert torch.allclose(ema.module[1].running_mean, (1 - d) * run_mean)  # from zeros
+    assert ema.module[1].num_batches_tracked.dtype == torch.long
+    weights = instance.final_weights({"model": net.state_dict(), "ema": ema.state_dict()})
+    assert weights.keys() == net.state_dict().keys()
+    assert torch.equal(weights["0.weight"], ema.module[0].weight)
+    plain = net.state_dict()
+    assert instance.final_weights({"model": plain}) is plain  # no average kept: last step's
+
+
+def test_ema_decay_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="ema_decay"):
+        ISConfig(ema_decay=1.0)
+
+
+@pytest.mark.ray
+def test_weight_average_resumes_after_a_crash_and_is_what_the_branch_returns(ray_session,
+                                                                             tmp_path):
+    """A worker killed mid-training resumes its weight average too: the run ends with the
+    uninterrupted run's weights; and the returned weights are the average, not the last
+    step's (which a run without the average returns)."""
+    from _branches_synth import CLASSES, make_dataset
+    from wsis_ray.config import Config
+
+    d = make_dataset(tmp_path / "data", n=6)
+
+    def fit(name, ema_decay, extra=None):
+        cfg = Config()
+        cfg.train.num_workers, cfg.train.cpus_per_worker = 1, 1
+        cfg.train.checkpoint_every, cfg.train.max_failures = 2, 1
+        cfg.instance = ISConfig(min_size=64, max_size=96, batch_size=2, steps=6, lr=0.01,
+                                ema_decay=ema_decay)
+        return instance.fit_instance(cfg, d["records"], d["pseudo"], CLASSES,
+                                     str(tmp_path / name), extra=extra)["model"]
+
+    a = fit("a", 0.9)
+    b = fit("b", 0.9, {"crash_at_step": 5, "crash_marker": str(tmp_path / "b.crashed")})
+    assert (tmp_path / "b.crashed").exists()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    last = fit("last", 0.0)
+    assert a.keys() == last.keys()
+    assert not torch.equal(a["roi_heads.box_predictor.cls_score.weight"],
+                           last["roi_heads.box_predictor.cls_score.weight"])

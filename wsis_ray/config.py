@@ -255,6 +255,14 @@ class ISConfig:
     rpn_post_nms_top_n_test: int = 300
     score_threshold: float = 0.05
     detections_per_img: int = 100
+    # > 0: the branch ends with an exponential moving average of its weights and BatchNorm
+    # statistics (decay per step, warmed up as min(decay, (1 + n) / (10 + n))) instead of
+    # the last step's; 0: the last step's weights (torchvision's default)
+    ema_decay: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"instance.ema_decay must be in [0, 1), not {self.ema_decay}")
 
 
 @dataclass

@@ -118,6 +118,7 @@ class Resumable:
         self.step = self.resumed_from = 0
         self.history: list[dict[str, Any]] = []
         state = rt.restore()
+        self.restored: dict[str, Any] = state or {}  # for a loop's own extra state
         if state is not None:
             unwrap(model).load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

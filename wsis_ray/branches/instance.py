@@ -378,6 +378,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = grad_scaler(dev, tc.amp)
     ckpt = Resumable(model, opt, sched, scaler)
     step = ckpt.step
+    ema = weight_average(unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and "ema" in ckpt.restored:
+        ema.load_state_dict(ckpt.restored["ema"])
 
     model.train()
     meter = Meter()
@@ -402,12 +405,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scaler.step(opt)
         scaler.update()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
         step += 1
         meter.add(dict({k: v.item() for k, v in loss_dict.items()}, loss=loss.item()),
                   len(images))
         rt.crash_once(config, step)
         if rt.should_checkpoint(step, cfg.steps, tc.checkpoint_every):
-            ckpt.report(meter, world, step, cfg.steps, frozen_bn=_is_frozen(unwrap(model)))
+            extra = {"ema": ema.state_dict()} if ema is not None else {}
+            ckpt.report(meter, world, step, cfg.steps, frozen_bn=_is_frozen(unwrap(model)),
+                        **extra)
+
+
+def weight_average(model: nn.Module, decay: float):
+    """An exponential moving average of `model`'s parameters and buffers (torch's
+    AveragedModel). The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates,
+    so the freshly initialised heads of the first steps fade out fast."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def ema(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=decay).to(torch.float32)
+        return avg + (new - avg) * (1.0 - d)  # integer buffers (BN counters) truncate
+
+    return AveragedModel(model, avg_fn=ema, use_buffers=True)
+
+
+def final_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict a finished run ends with: its weight average when it kept one."""
+    if "ema" not in state:
+        return state["model"]
+    return {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
 
 
 def fit_instance(cfg, records, labels_uri: str, classes: list[str], storage_path: str,
@@ -429,11 +456,11 @@ def fit_instance(cfg, records, labels_uri: str, classes: list[str], storage_path
     loop_config.update(extra or {})
     result = rt.fit(train_loop_per_worker, loop_config, cfg.train, name, storage_path)
     state = rt.load_result_state(result)
-    out = {"model": state["model"], "frozen_bn": state["frozen_bn"],
+    out = {"model": final_weights(state), "frozen_bn": state["frozen_bn"],
            "metrics": state["history"][-1], "history": state["history"]}
     model = build_model(cfg.instance, len(classes), frozen_bn=state["frozen_bn"],
                         load_weights=False)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(out["model"])
     out["trunk"] = trunk_state(model)
     if checkpoint_uri:
         save_checkpoint(checkpoint_uri, model, dict(meta or {}, classes=list(classes),
