@@ -118,7 +118,11 @@ class Resumable:
         self.step = self.resumed_from = 0
         self.history: list[dict[str, Any]] = []
         state = rt.restore()
-        self.restored: dict[str, Any] = state or {}  # for a loop's own extra state
+        # a loop's own extra state; not the weights and optimizer just loaded, whose
+        # tensors would otherwise stay alive beside the model's for the whole loop
+        own = ("model", "optimizer", "scheduler", "scaler", "step", "history")
+        self.restored: dict[str, Any] = {k: v for k, v in (state or {}).items()
+                                         if k not in own}
         if state is not None:
             unwrap(model).load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
