@@ -45,6 +45,8 @@ def test_round_end_to_end(full_run):
                  "round_1/eval", "final", "report"]:
         assert step in manifest, step
     assert "| round_1 |" in out and "mAP^r@0.5" in out
+    ss = manifest["round_1/ss"]["metrics"]  # tiny.yaml turns the CRF on
+    assert 0 <= ss["val_mIoU_crf"] <= 1
     # Pseudo labels: plain pyarrow, our schema, masks decode to the image size.
     table = pq.read_table(run / "round_1" / "pseudo.parquet")
     assert table.num_rows > 0

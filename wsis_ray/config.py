@@ -178,6 +178,33 @@ class SSConfig:
 
 
 @dataclass
+class CRFConfig:
+    """A dense CRF on the SS branch's score maps before CCGR and the pseudo masks
+    (wsis_ray/crf.py; not in the paper, see README "Deviations"): mean-field inference with
+    a Potts model, an appearance kernel (position sxy px, colour srgb in 0..255) and a
+    smoothness kernel (position sxy_smooth px), in a window of `radius` px sampled every
+    `stride` px. iterations 0 (default) = the paper: the SS maps as they are. Defaults are
+    PSA's pydensecrf settings (bilateral sxy 80, srgb 13, weight 10; gaussian sxy 3, weight
+    3; 10 iterations on ~500 px images) scaled to ~160 px images."""
+    iterations: int = 0
+    radius: int = 16
+    stride: int = 2
+    sxy: float = 16.0
+    srgb: float = 13.0
+    w_appearance: float = 10.0
+    sxy_smooth: float = 1.0
+    w_smooth: float = 3.0
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.radius < 1 or self.stride < 1 or self.stride > self.radius:
+            raise ValueError("crf: iterations >= 0 and 1 <= stride <= radius required, got "
+                             f"iterations={self.iterations}, radius={self.radius}, "
+                             f"stride={self.stride}")
+        if min(self.sxy, self.srgb, self.sxy_smooth) <= 0:
+            raise ValueError("crf: sxy, srgb and sxy_smooth must be > 0")
+
+
+@dataclass
 class CCGRConfig:
     """Center-context-gap refinement (Eq. 2-3); see wsis_ray/ccgr.py for the rules.
 
@@ -302,6 +329,7 @@ class Config:
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     mil: MILConfig = field(default_factory=MILConfig)
     ss: SSConfig = field(default_factory=SSConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
     ccgr: CCGRConfig = field(default_factory=CCGRConfig)
     instance: ISConfig = field(default_factory=ISConfig)
     round: RoundConfig = field(default_factory=RoundConfig)

@@ -330,15 +330,22 @@ def train_ss(r: int, ctx: Context):
     save_torch(ctx, f"{rd}/ss/state.pt", {"model": out["model"]})
     save_torch(ctx, f"{rd}/ss/trunk.pt", out["trunk"])
     metrics = {"loss": out["metrics"].get("loss"), "val_mIoU": ss_miou(ctx, out["model"])["miou"]}
+    if ctx.cfg.crf.iterations > 0:  # the maps CCGR will see
+        metrics["val_mIoU_crf"] = ss_miou(ctx, out["model"], crf=True)["miou"]
     return [f"{rd}/ss/state.pt", f"{rd}/ss/trunk.pt"], metrics
 
 
-def ss_miou(ctx: Context, state: dict) -> float:
+def ss_miou(ctx: Context, state: dict, crf: bool = False) -> dict:
+    """The SS branch's mIoU on the val ground truth; crf: after the CRF (cfg.crf)."""
+    from wsis_ray import crf as dense_crf
     from wsis_ray.branches import semseg
 
     model = semseg.load_model(state, ctx.cfg.backbone, ctx.cfg.ss, ctx.train.num_classes)
     recs = [r for r in ctx.val.records if r.image_id in ctx.val_gt]
-    preds = semseg.predict_scores(model, [load_image(r) for r in recs], ctx.cfg.ss.image_size)
+    images = [load_image(r) for r in recs]
+    preds = semseg.predict_scores(model, images, ctx.cfg.ss.image_size)
+    if crf:
+        preds = [dense_crf.refine(im, p, ctx.cfg.crf).numpy() for im, p in zip(images, preds)]
     gts = [semseg.semantic_gt(ctx.val_gt[r.image_id]) for r in recs]
     return semseg.miou([p.argmax(0).astype(np.uint8) for p in preds], gts,
                        ctx.train.num_classes + 1)
@@ -354,14 +361,21 @@ class SSScoreFn:
     def __call__(self):
         import torch
 
+        from wsis_ray import crf
         from wsis_ray.branches import semseg
 
         state = load_torch_state(self.state_uri)
         model = semseg.load_model(state["model"], self.cfg.backbone, self.cfg.ss, self.num_classes)
         if torch.cuda.is_available():
             model = model.cuda()
-        size = self.cfg.ss.image_size
-        return lambda images, image_ids=None: semseg.predict_scores(model, images, size)
+        size, crf_cfg = self.cfg.ss.image_size, self.cfg.crf
+
+        def score(images, image_ids=None):
+            maps = semseg.predict_scores(model, images, size)
+            if crf_cfg.iterations > 0:  # README "Deviations": a dense CRF on the SS maps
+                maps = [crf.refine(im, m, crf_cfg).numpy() for im, m in zip(images, maps)]
+            return maps
+        return score
 
 
 def boxes_from_masks(r: int, ctx: Context, rd: str | None = None):
@@ -370,17 +384,13 @@ def boxes_from_masks(r: int, ctx: Context, rd: str | None = None):
     Written to rd/boxes.parquet (default round_r)."""
     import cv2
 
-    from wsis_ray.branches import semseg
-
     cfg = ctx.cfg
     rd = rd or f"round_{r}"
-    state = load_torch(ctx, f"round_{r}/ss/state.pt")["model"]
-    model = semseg.load_model(state, cfg.backbone, cfg.ss, ctx.train.num_classes)
+    score_fn = SSScoreFn(ctx.run.uri_of(f"round_{r}/ss/state.pt"), cfg, ctx.train.num_classes)()
     rows = []
     for i in range(0, len(ctx.train.records), 8):
         recs = ctx.train.records[i:i + 8]
-        for rec, s in zip(recs, semseg.predict_scores(model, [load_image(x) for x in recs],
-                                                      cfg.ss.image_size)):
+        for rec, s in zip(recs, score_fn([load_image(x) for x in recs])):
             winner = s.argmax(0)
             for c in rec.class_ids:
                 n, lab, stats, cent = cv2.connectedComponentsWithStats(
