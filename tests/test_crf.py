@@ -71,10 +71,15 @@ def test_zero_iterations_is_the_paper_and_shapes_are_checked():
     assert torch.equal(out, torch.from_numpy(scores))
     with pytest.raises(ValueError, match="must share H, W"):
         crf.refine(img[:-1], scores, CRFConfig(iterations=2))
+    maps = [scores]
+    assert crf.refine_maps([img], maps, CRFConfig(iterations=0)) is maps
+    refined = crf.refine_maps([img], maps, CRFConfig(iterations=2, radius=4))
+    assert np.array_equal(refined[0], crf.refine(img, scores, CRFConfig(iterations=2,
+                                                                         radius=4)).numpy())
 
 
 @pytest.mark.parametrize("override", ["crf.stride=20", "crf.iterations=-1", "crf.srgb=0"])
-def test_bad_crf_settings_are_refused(tmp_path, override):
+def test_bad_crf_settings_are_refused(override):
     with pytest.raises((ConfigError, ValueError)):
         load_config(None, [override])
 

@@ -41,6 +41,15 @@ def refine(image: np.ndarray | Tensor, scores: np.ndarray | Tensor, p: CRFConfig
     return q
 
 
+def refine_maps(images: list[np.ndarray], maps: list[np.ndarray],
+                p: CRFConfig) -> list[np.ndarray]:
+    """`refine` on each (image, score map) pair, as numpy; the maps themselves when
+    p.iterations is 0."""
+    if p.iterations <= 0:
+        return maps
+    return [refine(im, m, p).numpy() for im, m in zip(images, maps)]
+
+
 def _message(q: Tensor, offsets: list[tuple[int, int]], kernel: Tensor, pad: int) -> Tensor:
     """sum_j k(i, j) Q_j(l) over the window (C, H, W). Under the Potts model the message
     for label l from the other labels differs from this by a constant per pixel, which

@@ -329,26 +329,29 @@ def train_ss(r: int, ctx: Context):
                         ctx.storage, name=ctx.train_name(f"{rd}-ss"), init_trunk=init_trunk(ctx, r))
     save_torch(ctx, f"{rd}/ss/state.pt", {"model": out["model"]})
     save_torch(ctx, f"{rd}/ss/trunk.pt", out["trunk"])
-    metrics = {"loss": out["metrics"].get("loss"), "val_mIoU": ss_miou(ctx, out["model"])["miou"]}
-    if ctx.cfg.crf.iterations > 0:  # the maps CCGR will see
-        metrics["val_mIoU_crf"] = ss_miou(ctx, out["model"], crf=True)["miou"]
+    metrics = {"loss": out["metrics"].get("loss"), **ss_miou(ctx, out["model"])}
     return [f"{rd}/ss/state.pt", f"{rd}/ss/trunk.pt"], metrics
 
 
-def ss_miou(ctx: Context, state: dict, crf: bool = False) -> dict:
-    """The SS branch's mIoU on the val ground truth; crf: after the CRF (cfg.crf)."""
-    from wsis_ray import crf as dense_crf
+def ss_miou(ctx: Context, state: dict) -> dict[str, float]:
+    """The SS branch's mIoU on the val ground truth ("val_mIoU") and, with cfg.crf on, on
+    the maps CCGR will see, after the CRF ("val_mIoU_crf"); one inference serves both."""
+    from wsis_ray import crf
     from wsis_ray.branches import semseg
 
     model = semseg.load_model(state, ctx.cfg.backbone, ctx.cfg.ss, ctx.train.num_classes)
     recs = [r for r in ctx.val.records if r.image_id in ctx.val_gt]
     images = [load_image(r) for r in recs]
     preds = semseg.predict_scores(model, images, ctx.cfg.ss.image_size)
-    if crf:
-        preds = [dense_crf.refine(im, p, ctx.cfg.crf).numpy() for im, p in zip(images, preds)]
     gts = [semseg.semantic_gt(ctx.val_gt[r.image_id]) for r in recs]
-    return semseg.miou([p.argmax(0).astype(np.uint8) for p in preds], gts,
-                       ctx.train.num_classes + 1)
+
+    def miou(maps):
+        return semseg.miou([m.argmax(0).astype(np.uint8) for m in maps], gts,
+                           ctx.train.num_classes + 1)["miou"]
+    out = {"val_mIoU": miou(preds)}
+    if ctx.cfg.crf.iterations > 0:
+        out["val_mIoU_crf"] = miou(crf.refine_maps(images, preds, ctx.cfg.crf))
+    return out
 
 
 class SSScoreFn:
@@ -370,12 +373,9 @@ class SSScoreFn:
             model = model.cuda()
         size, crf_cfg = self.cfg.ss.image_size, self.cfg.crf
 
-        def score(images, image_ids=None):
-            maps = semseg.predict_scores(model, images, size)
-            if crf_cfg.iterations > 0:  # README "Deviations": a dense CRF on the SS maps
-                maps = [crf.refine(im, m, crf_cfg).numpy() for im, m in zip(images, maps)]
-            return maps
-        return score
+        # README "Deviations": with crf.iterations > 0, a dense CRF on the SS maps
+        return lambda images, image_ids=None: crf.refine_maps(
+            images, semseg.predict_scores(model, images, size), crf_cfg)
 
 
 def boxes_from_masks(r: int, ctx: Context, rd: str | None = None):
