@@ -28,10 +28,10 @@ def refine(image: np.ndarray | Tensor, scores: np.ndarray | Tensor, p: CRFConfig
     """Mean-field marginals (C, H, W) float32 for `scores` (C, H, W) class probabilities
     (the unary is -log scores) on `image` (H, W, 3) uint8 RGB. iterations 0 returns the
     scores unchanged. Every channel takes part: the cost grows with the class count."""
-    q = torch.as_tensor(np.asarray(scores), dtype=torch.float32)
+    q = _float_tensor(scores)
     if p.iterations <= 0:
         return q
-    img = torch.as_tensor(np.asarray(image), dtype=torch.float32)
+    img = _float_tensor(image)
     if img.ndim != 3 or img.shape[:2] != q.shape[1:]:
         raise ValueError(f"image {tuple(img.shape)} and scores {tuple(q.shape)} must share H, W")
     offsets, kernel = _kernel(img.permute(2, 0, 1), p)
@@ -39,6 +39,14 @@ def refine(image: np.ndarray | Tensor, scores: np.ndarray | Tensor, p: CRFConfig
     for _ in range(p.iterations):
         q = torch.softmax(unary + _message(q, offsets, kernel, p.radius), dim=0)
     return q
+
+
+def _float_tensor(x: np.ndarray | Tensor) -> Tensor:
+    """float32 CPU tensor; numpy input is copied (images from the loaders are read-only,
+    which torch warns about when it wraps them)."""
+    if isinstance(x, Tensor):
+        return x.detach().to("cpu", torch.float32)
+    return torch.from_numpy(np.array(x, dtype=np.float32))
 
 
 def refine_maps(images: list[np.ndarray], maps: list[np.ndarray],
