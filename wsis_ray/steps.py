@@ -526,17 +526,30 @@ def pseudo_mask_ap(ctx: Context, table: pa.Table) -> float | None:
     return m["voc"]["mask"]["0.5"]["mean"]
 
 
+def is_init_trunk(ctx: Context, r: int):
+    """The trunk the IS branch starts from under backbone.share_trunk. Where its Mask R-CNN
+    body is the network MIL and SS train (instance.backbone == backbone.name), the round's
+    latest MIL/SS trunk: the paper's shared convolutional layers (Fig. 2), which have
+    learned the classes from the image labels by then. Otherwise (configs/demo.yaml: a
+    ResNet-18 Mask R-CNN beside EfficientNet MIL/SS) the previous round's IS trunk, and
+    in round 1 the body's own initialisation."""
+    cfg = ctx.cfg
+    if not cfg.backbone.share_trunk:
+        return None
+    if cfg.instance.backbone == cfg.backbone.name:
+        return init_trunk(ctx, r)
+    return load_torch(ctx, f"round_{r - 1}/is/trunk.pt") if r > 1 else None
+
+
 def train_is(r: int, ctx: Context, rd: str | None = None):
     """IS branch (Mask R-CNN) on the pseudo instance masks in rd (default round_r)."""
     from wsis_ray.branches import instance
 
     cfg = ctx.cfg
     rd = rd or f"round_{r}"
-    init = load_torch(ctx, f"round_{r - 1}/is/trunk.pt") if r > 1 and cfg.backbone.share_trunk \
-        else None
     out = instance.fit_instance(cfg, ctx.train.records, ctx.run.uri_of(f"{rd}/pseudo.parquet"),
                                 ctx.train.classes, ctx.storage, name=ctx.train_name(f"{rd}-is"),
-                                init_trunk=init,
+                                init_trunk=is_init_trunk(ctx, r),
                                 checkpoint_uri=ctx.run.uri_of(f"{rd}/is/model.pt"),
                                 meta=_meta(ctx, r))
     save_torch(ctx, f"{rd}/is/trunk.pt", out["trunk"])
