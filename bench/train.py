@@ -97,8 +97,9 @@ def main() -> None:
     gpu = args.device == "cuda"
 
     import ray
-    ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False,
-             log_to_driver=False)
+    from wsis_ray.train import local_ray_options
+    ray.init(address="local", num_cpus=cpus, num_gpus=1 if gpu else 0, log_to_driver=False,
+             **local_ray_options())
     with tempfile.TemporaryDirectory() as tmp:
         d = make_dataset(Path(tmp) / "data", n=args.images, size=args.size)
         cfg = Config()

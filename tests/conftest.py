@@ -22,10 +22,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 def ray_session(tmp_path_factory):
     import ray
 
+    from wsis_ray.train import local_ray_options
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=512 * 1024 * 1024,
-                 _temp_dir=None)
+        ray.init(address="local", num_cpus=6, log_to_driver=False,
+                 object_store_memory=512 * 1024 * 1024, **local_ray_options())
     yield ray
     try:
         from ray import serve

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import io
 import json
+import os
 import time
 from typing import Any
 
@@ -496,7 +497,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        from wsis_ray.train import local_ray_options
+
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or "local", log_to_driver=False,
+                 **({} if address else local_ray_options()))
     run_dir = RunDir(cfg.run_dir)
     run_dir.check_config(cfg, force=args.force)
     t0 = time.time()

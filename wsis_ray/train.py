@@ -9,9 +9,10 @@ user scales from one CPU process to a GPU cluster by changing `TrainConfig` only
 Fault tolerance: `FailureConfig(max_failures)` replaces a dead worker group and the loop
 starts again from `restore()`, i.e. from the last `report(..., state)`; the loops draw their
 batches with `branches.common.step_batches`, so the resumed run trains on what the
-uninterrupted one would have. Workers die for real, and also under heavy load on Ray 2.60,
-whose PlacementGroupCleaner can take an unanswered State API query for a dead controller
-and remove the live run's placement group (README, Results 2026-11-30 late night).
+uninterrupted one would have. Workers die for real, and also on a Ray 2.60 without a State
+API: its PlacementGroupCleaner then took an empty answer for a dead controller and removed
+the live run's placement group (README, Results 2026-11-30 late night); a local Ray started
+with `local_ray_options()` serves that API.
 """
 from __future__ import annotations
 
@@ -30,6 +31,28 @@ STATE_FILE = "state.pt"
 # Local mode (num_workers=0) keeps only an in-memory pointer to the last checkpoint
 # directory, so `report()` must not hand it a temporary directory; `fit()` sets this.
 _LOCAL_CHECKPOINT_ROOT: str | None = None
+
+
+def local_ray_options() -> dict[str, Any]:
+    """`ray.init` options for a local Ray whose processes reach its own State API.
+
+    Ray Train starts one PlacementGroupCleaner per run; every second it asks the State API
+    (served by the dashboard) whether the Train controller is alive, to free the run's
+    placement group if it is not. Without a dashboard that question fails: a warning every
+    ~2 s of every training (1,247 lines in one MIL step), the cleaner's thread dies of
+    "multiple active Ray instances" when a second local Ray runs on the machine, and an
+    empty answer, wherever the query landed, is taken for a dead controller: the cleaner
+    removes the live run's placement group, killing its worker mid-step (seen twice). So the local Ray gets its dashboard, on a free
+    loopback port, and RAY_API_SERVER_ADDRESS, set here before `ray.init` so that the
+    raylet and every worker inherit it, points the State API client at that port rather
+    than at whichever Ray it would find first."""
+    import socket
+
+    with socket.socket() as s:  # a free port; the dashboard binds it a moment later
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 def _abs_storage(storage_path: str) -> str:
