@@ -97,9 +97,8 @@ def main() -> None:
     gpu = args.device == "cuda"
 
     import ray
-    from wsis_ray.train import local_ray_options
-    ray.init(address="local", num_cpus=cpus, num_gpus=1 if gpu else 0, log_to_driver=False,
-             **local_ray_options())
+    from wsis_ray.train import start_local_ray
+    start_local_ray(num_cpus=cpus, num_gpus=1 if gpu else 0, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         d = make_dataset(Path(tmp) / "data", n=args.images, size=args.size)
         cfg = Config()

@@ -22,11 +22,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 def ray_session(tmp_path_factory):
     import ray
 
-    from wsis_ray.train import local_ray_options
+    from wsis_ray.train import start_local_ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=6, log_to_driver=False,
-                 object_store_memory=512 * 1024 * 1024, **local_ray_options())
+        start_local_ray(num_cpus=6, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
     yield ray
     try:
         from ray import serve

@@ -1,4 +1,4 @@
-"""The Train launcher's local Ray (`train.local_ray_options`, used by the jobs, the seeds CLI,
+"""The Train launcher's local Ray (`train.start_local_ray`, used by the jobs, the seeds CLI,
 the benchmarks and this suite's `ray_session`)."""
 import os
 

@@ -497,11 +497,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
 
     if not ray.is_initialized():
-        from wsis_ray.train import local_ray_options
+        from wsis_ray.train import start_local_ray
 
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or "local", log_to_driver=False,
-                 **({} if address else local_ray_options()))
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            start_local_ray(log_to_driver=False)
     run_dir = RunDir(cfg.run_dir)
     run_dir.check_config(cfg, force=args.force)
     t0 = time.time()

@@ -80,8 +80,6 @@ class Context:
 def init_ray(address: str | None, cfg: Config) -> None:
     import ray
 
-    from wsis_ray.train import local_ray_options
-
     if ray.is_initialized():
         return
     # Local workers inherit this: they import wsis_ray from this checkout even when it is
@@ -98,8 +96,9 @@ def init_ray(address: str | None, cfg: Config) -> None:
         # -> 9.8 s); a local Ray inherits this (a user's own value wins).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         # More logical CPUs than cores: Train workers and Ray Data actors coexist (FACTS.md).
-        ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 2) * 2),
-                 **local_ray_options())
+        from wsis_ray.train import start_local_ray
+
+        start_local_ray(num_cpus=max(4, (os.cpu_count() or 2) * 2))
 
 
 # -- plan ----------------------------------------------------------------------------------

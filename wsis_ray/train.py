@@ -12,7 +12,7 @@ batches with `branches.common.step_batches`, so the resumed run trains on what t
 uninterrupted one would have. Workers die for real, and also on a Ray 2.60 without a State
 API: its PlacementGroupCleaner then took an empty answer for a dead controller and removed
 the live run's placement group (README, Results 2026-11-30 late night); a local Ray started
-with `local_ray_options()` serves that API.
+with `start_local_ray()` serves that API.
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ STATE_FILE = "state.pt"
 _LOCAL_CHECKPOINT_ROOT: str | None = None
 
 
-def local_ray_options() -> dict[str, Any]:
-    """`ray.init` options for a local Ray whose processes reach its own State API.
+def start_local_ray(**init_kwargs: Any) -> None:
+    """Start a local Ray whose processes reach its own State API (`init_kwargs` go to
+    `ray.init`: num_cpus, log_to_driver, ...).
 
     Ray Train starts one PlacementGroupCleaner per run; every second it asks the State API
     (served by the dashboard) whether the Train controller is alive, to free the run's
@@ -42,17 +43,20 @@ def local_ray_options() -> dict[str, Any]:
     ~2 s of every training (1,247 lines in one MIL step), the cleaner's thread dies of
     "multiple active Ray instances" when a second local Ray runs on the machine, and an
     empty answer, wherever the query landed, is taken for a dead controller: the cleaner
-    removes the live run's placement group, killing its worker mid-step (seen twice). So the local Ray gets its dashboard, on a free
-    loopback port, and RAY_API_SERVER_ADDRESS, set here before `ray.init` so that the
-    raylet and every worker inherit it, points the State API client at that port rather
-    than at whichever Ray it would find first."""
+    removes the live run's placement group, killing its worker mid-step (seen twice). So
+    the local Ray gets its dashboard, on a free loopback port, and RAY_API_SERVER_ADDRESS,
+    set before `ray.init` so that the raylet and every worker inherit it, points the State
+    API client at that port rather than at whichever Ray it would find first."""
     import socket
+
+    import ray
 
     with socket.socket() as s:  # a free port; the dashboard binds it a moment later
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, **init_kwargs)
 
 
 def _abs_storage(storage_path: str) -> str:
