@@ -85,7 +85,7 @@ class CAMConfig:
     (IRN/PSA use 1.0, 0.5, 1.5, 2.0); the CAMs feed the peaks and AffinityNet. Default one
     scale: on scratch CAMs four raised peak recall but lowered round 1 end to end;
     configs/results.yaml (ImageNet CAMs) uses four, which doubled round 1's pseudo masks
-    (README, Results).
+    (docs/results-history.md).
     """
     image_size: int = 160
     batch_size: int = 16
@@ -232,7 +232,7 @@ class CCGRConfig:
       boxes of one class in one image that overlap at IoU >= this, the one of the highest
       MIL score, before the pseudo masks are cut. IS-box bags give an object several boxes,
       CCGR drives them onto the same extent, and the pseudo masks split the object's pixels
-      between them (README, Results).
+      between them (docs/results-history.md).
     num_threads: refine() runs with this many torch threads on CPU (restored afterwards):
       its per-iteration tensors are small, and on a busy machine a second thread costs far
       more in synchronisation than it gains (bench/ccgr.py: 2 threads ~28x slower there).

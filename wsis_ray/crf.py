@@ -7,7 +7,7 @@ Not in the paper, which cuts its pseudo instance masks from the SS score maps as
 of round 2's pseudo masks on 60 training images (configs/results.yaml), 31% reach IoU 0.5
 with their object (median precision 0.52), while the same boxes cut from the ground truth
 would give 86%: the maps, not the boxes, lose the quality. The CRF pulls the maps onto
-colour edges, as PSA and IRN do with their CAMs (README "Results").
+colour edges, as PSA and IRN do with their CAMs (docs/results-history.md).
 
 The window stands in for the permutohedral lattice of the original (no maintained package
 installs here): messages come from the pixels at offsets stride * (-h..h) in each

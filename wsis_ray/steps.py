@@ -715,7 +715,7 @@ def next_semantic_label(masks: list[tuple[np.ndarray, int, float]], shape: tuple
     called foreground (or ignored) that no mask covers become background under the paper's
     rule (`dropped_foreground` "background") or stay unlabelled ("ignore"): the IS branch
     trained on cropped score maps under-covers objects, so under the paper's rule each
-    round's labels lose object pixels (README, Results)."""
+    round's labels lose object pixels (docs/results-history.md)."""
     label = np.zeros(shape, np.uint8)
     best = np.zeros(shape, np.float32)
     for m, c, score in masks:
