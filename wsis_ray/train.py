@@ -11,8 +11,8 @@ starts again from `restore()`, i.e. from the last `report(..., state)`; the loop
 batches with `branches.common.step_batches`, so the resumed run trains on what the
 uninterrupted one would have. Workers die for real, and also on a Ray 2.60 without a State
 API: its PlacementGroupCleaner then took an empty answer for a dead controller and removed
-the live run's placement group (docs/results-history.md, 2026-11-30 late night); a local Ray started
-with `start_local_ray()` serves that API.
+the live run's placement group (docs/results-history.md, 2026-11-30 late night); a local
+Ray started with `start_local_ray()` serves that API.
 """
 from __future__ import annotations
 
