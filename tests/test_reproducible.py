@@ -1,7 +1,7 @@
 """Training is a function of its inputs and `train.seed`: the MIL branch trained twice
 under Ray Train gives bit-identical weights, also when the second run's worker dies
 mid-training and resumes from its last checkpoint (`common.step_batches` makes each
-step's batch and random draws depend on the step alone). So two runs of one config differ
+step's batch and random draws depend on the step alone), and in Ray Train's local mode. So two runs of one config differ
 only where their inputs or code do, and a killed job ends where an uninterrupted one does
 (README "What the demo run does and writes"). The CAM, AffinityNet, SS and IS loops draw
 their batches the same way; one branch keeps the suite's time down (each fit with a restart
@@ -38,8 +38,10 @@ def test_training_is_bit_reproducible_across_runs_and_a_mid_training_resume(ray_
                                                                             tmp_path):
     d = make_dataset(tmp_path / "data", n=7)  # 3 steps per epoch: resumed mid-epoch
 
-    def fit_mil(name, seed=0, extra=None):
-        return mil.fit_mil(_cfg(seed), d["records"], d["proposals"], d["bags"], 2,
+    def fit_mil(name, seed=0, extra=None, num_workers=1):
+        cfg = _cfg(seed)
+        cfg.train.num_workers = num_workers
+        return mil.fit_mil(cfg, d["records"], d["proposals"], d["bags"], 2,
                            str(tmp_path / name), extra=extra)
 
     a = fit_mil("mil_a")
@@ -48,8 +50,11 @@ def test_training_is_bit_reproducible_across_runs_and_a_mid_training_resume(ray_
     assert b["history"][-1]["resumed_from"] in (2, 4)
     assert _differing(a["model"], b["model"]) == []
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
-    # the seed is what fixes them: another seed (order, flips, head init), other weights
-    assert _differing(a["model"], fit_mil("mil_c", seed=1)["model"])
+    # Ray Train's local mode (num_workers 0: the loop in this process, as tests/tiny.yaml
+    # runs it) trains the same weights; and the seed is what fixes them: another seed
+    # (order, flips, head init), other weights. Local mode keeps these two fits cheap.
+    assert _differing(a["model"], fit_mil("mil_local", num_workers=0)["model"]) == []
+    assert _differing(a["model"], fit_mil("mil_c", seed=1, num_workers=0)["model"])
 
 
 def test_step_batches_resume_mid_epoch_and_split_ranks():

@@ -2,6 +2,7 @@
 kill-and-resume: a run SIGKILLed after a step and re-run finishes with the same artefacts."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,9 +85,28 @@ def test_other_config_is_refused(full_run, address):
     assert proc.returncode == 2 and "different config" in proc.stderr
 
 
+def _uncommit_from(ref: Path, run: Path, step: str) -> None:
+    """Make `run` a copy of the finished run `ref` whose manifest ends before `step`: the
+    directory a run killed before committing `step` leaves, without spending the suite's
+    time on the seeds and the round's first steps twice. The uncommitted steps' artefacts
+    are deleted, so only a rerun of those steps can bring them back."""
+    shutil.copytree(ref, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    names = list(manifest["steps"])
+    for name in names[names.index(step):]:
+        for rel in manifest["steps"].pop(name)["artefacts"]:
+            shutil.rmtree(run / rel) if (run / rel).is_dir() else (run / rel).unlink()
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    config = (run / "config.yaml").read_text()  # the stored config names its run directory
+    assert f"run_dir: {ref}\n" in config
+    (run / "config.yaml").write_text(config.replace(f"run_dir: {ref}\n", f"run_dir: {run}\n"))
+    assert not any((run / "ray_train").iterdir())  # a commit deletes its step's checkpoints
+
+
 def test_kill_and_resume_gives_same_artefacts(full_run, tmp_path, address):
     base, _ = full_run
     run = tmp_path / "run"
+    _uncommit_from(base / "run", run, "round_1/ccgr")
     cmd = _job(run, base / "data", address)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -98,6 +118,7 @@ def test_kill_and_resume_gives_same_artefacts(full_run, tmp_path, address):
             break
     proc.wait(timeout=60)
     assert killed
+    assert not (run / "final" / "model.pt").exists()
     done = json.loads((run / "manifest.json").read_text())["steps"]
     assert "round_1/ccgr" in done and "round_1/is" not in done
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
