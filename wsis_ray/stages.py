@@ -74,6 +74,11 @@ class ScoreMaps:
                                         batch["width"])]
         maps = self.score_fn(images, [int(i) for i in batch["image_id"]])
         out = {k: v for k, v in batch.items() if k != "path"}
+        # Each image's boxes and peaks as one (n, width) float array, which Ray Data keeps as
+        # a variable-shaped tensor; as they arrive (object arrays of object arrays) Arrow
+        # cannot take them, and Ray Data pickles them with a conversion warning in the log.
+        for k, width in (("boxes", 4), ("peaks", 2), ("all_peaks", 3)):
+            out[k] = _ragged([_rows(v, width) for v in batch[k]])
         # float16 halves what moves between stages; CCGR works in float32 again.
         out["score_maps"] = _ragged([m.astype(np.float16) for m in maps])
         return out
@@ -196,6 +201,12 @@ def _clip(boxes: torch.Tensor, maps: list[torch.Tensor], img_idx: list[int]) -> 
     out[:, 0::2] = out[:, 0::2].clamp(min=0).minimum(hw[:, 1:2])
     out[:, 1::2] = out[:, 1::2].clamp(min=0).minimum(hw[:, 0:1])
     return out
+
+
+def _rows(rows: Any, width: int) -> np.ndarray:
+    """A sequence of equal-length rows (lists or arrays; possibly none) as (n, width) float64."""
+    return np.array([np.asarray(r, dtype=np.float64) for r in rows],
+                    dtype=np.float64).reshape(-1, width)
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
