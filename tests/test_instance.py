@@ -110,7 +110,6 @@ def test_trunk_sharing_into_and_out_of_mask_rcnn():
                              init_trunk=trunk.state_dict())
 
 
-
 def test_efficientnet_mask_rcnn_takes_the_shared_trunk_and_frozen_batchnorm():
     from torchvision.ops.misc import FrozenBatchNorm2d
 

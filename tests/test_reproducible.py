@@ -1,11 +1,11 @@
 """Training is a function of its inputs and `train.seed`: the MIL branch trained twice
 under Ray Train gives bit-identical weights, also when the second run's worker dies
 mid-training and resumes from its last checkpoint (`common.step_batches` makes each
-step's batch and random draws depend on the step alone), and in Ray Train's local mode. So two runs of one config differ
-only where their inputs or code do, and a killed job ends where an uninterrupted one does
-(README "What the demo run does and writes"). The CAM, AffinityNet, SS and IS loops draw
-their batches the same way; one branch keeps the suite's time down (each fit with a restart
-costs tens of seconds of Ray Train start-up)."""
+step's batch and random draws depend on the step alone), and in Ray Train's local mode.
+So two runs of one config differ only where their inputs or code do, and a killed job
+ends where an uninterrupted one does (README "What the demo run does and writes"). The
+CAM, AffinityNet, SS and IS loops draw their batches the same way; one branch keeps the
+suite's time down (each fit with a restart costs tens of seconds of Ray Train start-up)."""
 import pytest
 import torch
 

@@ -218,8 +218,6 @@ def _fmt(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-
-
 # -- helpers -------------------------------------------------------------------------------
 
 def save_torch(ctx: Context, rel: str, obj: Any) -> None:
