@@ -135,7 +135,7 @@ def affinity_loss(affs: list[torch.Tensor], labels: torch.Tensor, radius: int
     loss = means["bg"] / 4 + means["fg"] / 4 + means["neg"] / 2
     if not torch.is_tensor(loss):  # no valid pair at all
         loss = affs[0].sum() * 0
-    return loss, {k: float(v) for k, v in means.items()}
+    return loss, {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in means.items()}
 
 
 def affinity_matrix(affs: list[torch.Tensor], h: int, w: int, radius: int) -> torch.Tensor:
@@ -328,6 +328,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step += 1
         rt.crash_once(config, step)
         if step % every == 0 or step == cfg["steps"]:
-            rt.report({"step": step, "steps": cfg["steps"], "loss": float(loss), **parts},
+            rt.report({"step": step, "steps": cfg["steps"], "loss": loss.item(), **parts},
                       {"model": inner.state_dict(), "optimizer": opt.state_dict(),
                        "step": step})

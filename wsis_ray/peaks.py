@@ -276,7 +276,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step += 1
         rt.crash_once(config, step)
         if step % every == 0 or step == cam["steps"]:
-            rt.report({"step": step, "steps": cam["steps"], "loss": float(loss)},
+            rt.report({"step": step, "steps": cam["steps"], "loss": loss.item()},
                       {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                        "step": step})
 
