@@ -46,7 +46,12 @@ def start_local_ray(**init_kwargs: Any) -> None:
     removes the live run's placement group, killing its worker mid-step (seen twice). So
     the local Ray gets its dashboard, on a free loopback port, and RAY_API_SERVER_ADDRESS,
     set before `ray.init` so that the raylet and every worker inherit it, points the State
-    API client at that port rather than at whichever Ray it would find first."""
+    API client at that port rather than at whichever Ray it would find first.
+
+    Ray Train's preemption watcher (an actor per training that polls for node drains, i.e.
+    spot preemption on a cluster) has nothing to watch on one machine, and its creation
+    logs a core-worker error line in every training (ray-project/ray#53727): off here,
+    unless RAY_TRAIN_ENABLE_PREEMPTION_WATCHER says otherwise. Clusters keep it."""
     import socket
 
     import ray
@@ -55,6 +60,7 @@ def start_local_ray(**init_kwargs: Any) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, **init_kwargs)
 
