@@ -193,7 +193,12 @@ def test_ablation_rows(full_run, ray_session):
     cfg = load_config(TINY, [f"run_dir={run}", f"data.root={base / 'data'}",
                              "round.ablations=true"])
     names = [n for n, _ in steps.plan(cfg)]
-    assert names.index("round_1/eval") < names.index("baseline_cam/eval") < names.index("final")
+    # right after round 1, whose boxes and SS branch they reuse; before any later round
+    assert names.index("round_1/eval") < names.index("baseline_cam/eval") \
+        < names.index("full/eval") < names.index("final")
+    cfg3 = load_config(TINY, [f"run_dir={run}", "round.ablations=true", "round.rounds=2"])
+    names3 = [n for n, _ in steps.plan(cfg3)]
+    assert names3.index("full/eval") < names3.index("round_1/update") < names3.index("round_2/mil")
     ctx = steps.Context.open(cfg, RunDir(cfg.run_dir))
     for name, fn in steps.ablation_steps():
         steps.run_step(ctx, name, fn)

@@ -308,7 +308,8 @@ class RoundConfig:
     dropped_foreground: str = "background"
     seed_figures: bool = True  # peak/proposal/bag recall and seed mIoU on val (needs val GT)
     # Also run the comparison rows in the same run (steps.ABLATIONS): CAM baseline, Table 3's
-    # round-1 "no Det./no CCGR" and "Det. without CCGR", and the fully supervised upper bound.
+    # round-1 "no Det./no CCGR" and "Det. without CCGR", and the fully supervised upper bound,
+    # right after round 1.
     ablations: bool = False
 
     def __post_init__(self):

@@ -120,10 +120,12 @@ def plan(cfg: Config) -> list[tuple[str, Step]]:
         steps += [(f"{rd}/ccgr", functools.partial(refine, r)),
                   (f"{rd}/is", functools.partial(train_is, r)),
                   (f"{rd}/eval", functools.partial(evaluate_round, rd))]
+        if r == 1 and cfg.round.ablations:
+            # the comparison rows need only the seeds and round 1: a run stopped before its
+            # last round already holds Table 1's baseline and upper bound and Table 3
+            steps += ablation_steps()
         if r < cfg.round.rounds:
             steps += [(f"{rd}/update", functools.partial(update, r))]
-    if cfg.round.ablations:
-        steps += ablation_steps()
     steps += [("final", functools.partial(finalize, f"round_{cfg.round.rounds}")),
               ("report", write_report)]
     return steps
