@@ -122,3 +122,23 @@ def test_ray_data_stage_matches_plain_loop(inputs, tmp_path, ray_session):
         assert np.array_equal(decode_mask(a["rle_counts"], a["height"], a["width"]),
                               decode_mask(b["rle_counts"], b["height"], b["width"]))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_stage_actors_share_the_cores_not_the_logical_cpus(ray_session):
+    """The test Ray counts 6 CPUs on a machine of fewer cores (as the local Ray counts two
+    per core): an actor granted k CPUs gets k x (cores / 6) torch threads, at least one,
+    so two stages side by side do not put more threads than cores on the machine."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def threads(cpus):
+        return stages.core_share_threads(cpus), len(os.sched_getaffinity(0))
+
+    total = ray.cluster_resources()["CPU"]
+    for cpus in (1, 2, 4):
+        got, cores = ray.get(threads.remote(cpus))
+        assert got == max(1, int(cpus * min(1.0, cores / total)))
+        if cores < total:
+            assert got < cpus or cpus == 1

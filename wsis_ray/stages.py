@@ -63,9 +63,9 @@ def image_rows(records: list[ImageRecord], boxes: pa.Table, anchors: pa.Table) -
 class ScoreMaps:
     """Stage 1: the SS branch's class score maps (C+1, H, W) for each image in the batch."""
 
-    def __init__(self, make_score_fn: Callable[[], ScoreFn], num_threads: int | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
+    def __init__(self, make_score_fn: Callable[[], ScoreFn], ray_cpus: float | None = None):
+        if ray_cpus:
+            torch.set_num_threads(core_share_threads(ray_cpus))
         self.score_fn = make_score_fn()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -82,6 +82,26 @@ class ScoreMaps:
         # float16 halves what moves between stages; CCGR works in float32 again.
         out["score_maps"] = _ragged([m.astype(np.float16) for m in maps])
         return out
+
+
+def core_share_threads(cpus: float) -> int:
+    """Torch threads for a Ray actor granted `cpus` CPUs: that many of its node's cores,
+    fewer where Ray counts more CPUs on the node than it has cores. The local Ray of
+    steps.init_ray counts two per core so that Train workers and Data actors fit side by
+    side; the two stages here then run side by side too, and at int(cpus) threads each
+    they put four threads on two cores, where torch's OpenMP barriers stall (round 1's
+    CCGR step of configs/results.yaml on 2 cores: 491 s that way, 224 s at one thread per
+    actor; the same figures, since the SS/CRF maps move by ~1e-4 only)."""
+    import os
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    total = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node),
+                 0.0)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = min(1.0, (cores or 1) / total) if total else 1.0
+    return max(1, int(cpus * share))
 
 
 class PrecomputedScoreFn:
@@ -115,9 +135,9 @@ class PrecomputedScoreFn:
 class Refine:
     """Stage 2: CCGR on every box of the batch in one tensor program, then pseudo masks."""
 
-    def __init__(self, cfg: dict, round_index: int, num_threads: int | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
+    def __init__(self, cfg: dict, round_index: int, ray_cpus: float | None = None):
+        if ray_cpus:
+            torch.set_num_threads(core_share_threads(ray_cpus))
         self.cfg = CCGRConfig(**cfg)
         self.round = round_index
 
@@ -230,16 +250,15 @@ def run_refine_stage(rows: list[dict], make_score_fn: Callable[[], ScoreFn], cfg
     parent = out_path.rsplit("/", 1)[0]
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
     fs.create_dir(tmp, recursive=True)
-    threads = max(1, int(cpus_per_actor))
     ds = ray.data.from_items(rows)
     ds = ds.map_batches(ScoreMaps, fn_constructor_kwargs={"make_score_fn": make_score_fn,
-                                                          "num_threads": threads},
+                                                          "ray_cpus": cpus_per_actor},
                         batch_size=batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
                         num_gpus=num_gpus, num_cpus=cpus_per_actor)
     ds = ds.map_batches(Refine, fn_constructor_kwargs={"cfg": asdict(cfg),
                                                        "round_index": round_index,
-                                                       "num_threads": threads},
+                                                       "ray_cpus": cpus_per_actor},
                         batch_size=batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
                         num_cpus=cpus_per_actor)
