@@ -91,7 +91,8 @@ def core_share_threads(cpus: float) -> int:
     side; the two stages here then run side by side too, and at int(cpus) threads each
     they put four threads on two cores, where torch's OpenMP barriers stall (round 1's
     CCGR step of configs/results.yaml on 2 cores: 491 s that way, 224 s at one thread per
-    actor; the same figures, since the SS/CRF maps move by ~1e-4 only)."""
+    actor, with the same step metrics; the maps move by float rounding, so the IS
+    trainings after it are a new draw)."""
     import os
 
     import ray
