@@ -305,7 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = torch.optim.Adam([
         {"params": inner.trunk.parameters(), "lr": cfg["lr"] * 0.1},
         {"params": [p for n, p in inner.named_parameters() if not n.startswith("trunk.")]},
-    ], lr=cfg["lr"], weight_decay=1e-4)
+    ], lr=cfg["lr"], weight_decay=1e-4, fused=True)
     step = 0
     state = rt.restore()
     if state is not None:

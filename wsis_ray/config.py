@@ -69,7 +69,10 @@ class TrainConfig:
     storage_path: str = ""  # "" = <run_dir>/ray_train
     max_failures: int = 2
     checkpoint_every: int = 50
-    amp: bool = True  # only takes effect on GPU
+    amp: bool = True  # float16 mixed precision, on GPU only
+    # bfloat16 mixed precision on CPU for the MIL, SS and IS trainings: ~1.8x faster IS
+    # steps on a CPU with native bfloat16 (AVX512-BF16, AMX), slower on one without
+    cpu_bf16: bool = False
     seed: int = 0
 
 

@@ -254,7 +254,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    cam["pooling"], cam["peak_window"])
     model = rtt.prepare_model(model)
     data = LabelledImages(config["records"], config["num_classes"], cam["image_size"])
-    opt = torch.optim.Adam(model.parameters(), lr=cam["lr"], weight_decay=cam["weight_decay"])
+    opt = torch.optim.Adam(model.parameters(), lr=cam["lr"], weight_decay=cam["weight_decay"],
+                           fused=True)
     step = 0
     state = rt.restore()
     if state is not None:

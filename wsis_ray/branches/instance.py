@@ -37,6 +37,7 @@ from torchvision.ops import misc as misc_ops
 from wsis_ray.branches.backbone import STAGE_CHANNELS, freeze_batchnorm, trunk_to_resnet_state
 from wsis_ray.branches.backbone import body as backbone_body
 from wsis_ray.branches.common import unwrap
+from wsis_ray.branches.roi_align import MultiScaleRoIAlign
 from wsis_ray.config import ISConfig
 from wsis_ray.data.records import encode_mask, resolve_fs
 
@@ -100,7 +101,11 @@ def build_model(cfg: ISConfig, num_classes: int, *, frozen_bn: bool | None = Non
         frozen_bn = cfg.pretrained not in ("", "none")
     backbone = _fpn_backbone(cfg, frozen_bn, load_weights, init_trunk)
     ch, k = cfg.fpn_channels, num_classes + 1
-    heads: dict[str, nn.Module] = {}
+    # torchvision's poolers (FPN levels "0"-"3", 7x7 box and 14x14 mask RoIs, 2x2 samples
+    # per bin) over the matmul RoIAlign: its CPU backward is 3-10x torchvision's
+    heads: dict[str, nn.Module] = {
+        "box_roi_pool": MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
+        "mask_roi_pool": MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)}
     if cfg.light_heads:
         heads["box_head"] = TwoMLPHead(ch * 7 * 7, 256)
         heads["box_predictor"] = FastRCNNPredictor(256, k)
@@ -389,7 +394,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         images, targets = next(batches)
         images = [im.to(dev) for im in images]
         targets = [{k: v.to(dev) for k, v in t.items()} for t in targets]
-        with autocast(dev, tc.amp):
+        with autocast(dev, tc.amp, tc.cpu_bf16):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
         if not torch.isfinite(loss):

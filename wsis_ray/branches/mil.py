@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 from wsis_ray.branches.backbone import Trunk, load_trunk_state, normalize
 from wsis_ray.branches.common import (Meter, Resumable, autocast, grad_scaler, load_rgb,
                                       resize_image, seed_everything, step_batches, sub_state,
                                       unwrap, warmup_cosine)
+from wsis_ray.branches.roi_align import roi_align
 from wsis_ray.config import BackboneConfig, MILConfig, TrainConfig
 from wsis_ray.data.records import read_table
 
@@ -180,8 +180,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("init_trunk") is not None:
         load_trunk_state(model.trunk, config["init_trunk"])
     model = ray.train.torch.prepare_model(model)
-    # The paper's optimiser is Adam (lr 1e-4, weight decay 1e-4).
-    opt = torch.optim.Adam(model.parameters(), lr=mil.lr, weight_decay=mil.weight_decay)
+    # The paper's optimiser is Adam (lr 1e-4, weight decay 1e-4); fused: one pass over the
+    # parameters instead of ~10 kernels per tensor (MIL's CPU step 0.17 -> 0.11 s)
+    opt = torch.optim.Adam(model.parameters(), lr=mil.lr, weight_decay=mil.weight_decay,
+                           fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, mil.steps, min(50, mil.steps // 10 + 1)))
     scaler = grad_scaler(dev, tc.amp)
@@ -194,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step < mil.steps:
         images, boxes, bags = next(batches)
         images, boxes = images.to(dev), [b.to(dev) for b in boxes]
-        with autocast(dev, tc.amp):
+        with autocast(dev, tc.amp, tc.cpu_bf16):
             outs = model(images, boxes)
         loss = sum(image_loss(xc, xd, b) for (xc, xd), b in zip(outs, bags))
         opt.zero_grad(set_to_none=True)
