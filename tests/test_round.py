@@ -229,6 +229,11 @@ def test_ablation_rows(full_run, ray_session):
 
     rows = [line.split("|")[1].strip() for line in steps.results_table(ctx).splitlines()[2:]]
     assert rows == ["baseline_cam", "round_1", "table3_no_det", "table3_no_ccgr", "full"]
+    # round 1's SS maps were computed once (no Det.'s boxes need every image) and kept for
+    # the Table 3 steps after it, under a name that changes with the SS state
+    cache = Path(steps.maps_cache(ctx, 1))
+    assert cache.parent == run / "round_1" / "ss"
+    assert len(list(cache.glob("*.npy"))) == len(ctx.train.records)
 
 
 def test_select_stage_matches_plain_loop(full_run, ray_session):

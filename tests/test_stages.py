@@ -142,3 +142,27 @@ def test_stage_actors_share_the_cores_not_the_logical_cpus(ray_session):
         assert got == max(1, int(cpus * min(1.0, cores / total)))
         if cores < total:
             assert got < cpus or cpus == 1
+
+
+def test_cached_score_fn_computes_each_map_once_and_reads_it_back(tmp_path):
+    calls = []
+
+    def score(images, image_ids):
+        calls.append(list(image_ids))
+        return [np.full((3,) + im.shape[:2], 0.1 * (i + 1), np.float32)
+                for im, i in zip(images, image_ids)]
+
+    cache = tmp_path / "maps"
+    images = [np.zeros((8, 6, 3), np.uint8), np.zeros((5, 7, 3), np.uint8)]
+    first = stages.CachedScoreFn(str(cache), score)(images, [1, 2])
+    assert calls == [[1, 2]] and sorted(p.name for p in cache.iterdir()) == ["1.npy", "2.npy"]
+    (cache / ".tmp-partial").write_bytes(b"half a file")  # a killed writer's leftover
+    again = stages.CachedScoreFn(str(cache), score)(images[::-1], [2, 1])
+    assert calls == [[1, 2]]  # nothing recomputed
+    # float16-rounded, hit or miss, as the ScoreMaps stage sends maps on
+    assert np.array_equal(again[0], first[1]) and again[0].dtype == np.float32
+    assert np.array_equal(first[0], np.float32(np.float16(0.2)) * np.ones((3, 8, 6)))
+    # a map of another size than its image (not this image's map) is recomputed
+    np.save(cache / "1.npy", np.zeros((3, 4, 4), np.float16))
+    stages.CachedScoreFn(str(cache), score)(images[:1], [1])
+    assert calls[-1] == [1] and np.load(cache / "1.npy").shape == (3, 8, 6)

@@ -133,6 +133,43 @@ class PrecomputedScoreFn:
         return out
 
 
+class CachedScoreFn:
+    """A ScoreFn that keeps its maps in DIR/<image_id>.npy (float16): read where present,
+    computed by `score_fn` and written (under a temporary name, then renamed) where not, so
+    the steps that need the same maps again (round 1's CCGR and the Table 3 rows, under
+    round.ablations) read them instead of redoing SS inference and the dense CRF. The maps
+    come back float16-rounded either way, as the ScoreMaps stage sends them on."""
+
+    def __init__(self, cache_uri: str, score_fn: ScoreFn):
+        self.cache_uri, self.score_fn = cache_uri.rstrip("/"), score_fn
+
+    def __call__(self, images: list[np.ndarray], image_ids: list[int]) -> list[np.ndarray]:
+        import io
+
+        fs, root = resolve_fs(self.cache_uri)
+        maps: list[np.ndarray | None] = []
+        for im, i in zip(images, image_ids):
+            try:
+                with fs.open_input_stream(f"{root}/{i}.npy") as f:
+                    m = np.load(io.BytesIO(f.read()))
+                maps.append(m if m.shape[1:] == im.shape[:2] else None)
+            except FileNotFoundError:
+                maps.append(None)
+        todo = [k for k, m in enumerate(maps) if m is None]
+        if todo:
+            fs.create_dir(root, recursive=True)
+            computed = self.score_fn([images[k] for k in todo], [image_ids[k] for k in todo])
+            for k, m in zip(todo, computed):
+                maps[k] = np.asarray(m, np.float16)
+                buf = io.BytesIO()
+                np.save(buf, maps[k])
+                tmp = f"{root}/.tmp-{uuid.uuid4().hex}"
+                with fs.open_output_stream(tmp) as f:
+                    f.write(buf.getvalue())
+                fs.move(tmp, f"{root}/{image_ids[k]}.npy")
+        return [m.astype(np.float32) for m in maps]
+
+
 class Refine:
     """Stage 2: CCGR on every box of the batch in one tensor program, then pseudo masks."""
 

@@ -359,8 +359,10 @@ class SSScoreFn:
     """Picklable factory for the Ray Data SS-inference actors: builds the SS branch from
     its saved state inside the actor."""
 
-    def __init__(self, state_uri: str, cfg: Config, num_classes: int):
+    def __init__(self, state_uri: str, cfg: Config, num_classes: int,
+                 cache_uri: str | None = None):
         self.state_uri, self.cfg, self.num_classes = state_uri, cfg, num_classes
+        self.cache_uri = cache_uri  # stages.CachedScoreFn keeps the maps there
 
     def __call__(self):
         import torch
@@ -375,8 +377,29 @@ class SSScoreFn:
         size, crf_cfg = self.cfg.ss.image_size, self.cfg.crf
 
         # README "Deviations": with crf.iterations > 0, a dense CRF on the SS maps
-        return lambda images, image_ids=None: crf.refine_maps(
-            images, semseg.predict_scores(model, images, size), crf_cfg)
+        def score_fn(images, image_ids=None):
+            return crf.refine_maps(images, semseg.predict_scores(model, images, size), crf_cfg)
+
+        if self.cache_uri:
+            from wsis_ray.stages import CachedScoreFn
+
+            return CachedScoreFn(self.cache_uri, score_fn)
+        return score_fn
+
+
+def maps_cache(ctx: Context, r: int) -> str | None:
+    """Where round r's SS (+ CRF) score maps are kept, or None. Under round.ablations round
+    1's maps serve round_1/ccgr and the three Table 3 steps after it (each took ~3.5 min to
+    recompute them on the results config); the directory is named by a digest of the SS
+    state and of the settings that shape the maps, so a retrained SS never reads stale ones."""
+    if not (ctx.cfg.round.ablations and r == 1):
+        return None
+    import hashlib
+
+    state = ctx.run.manifest()["steps"][f"round_{r}/ss"]["artefacts"][f"round_{r}/ss/state.pt"]
+    c = ctx.cfg
+    key = json.dumps([state, asdict(c.ss), asdict(c.crf), asdict(c.backbone)], sort_keys=True)
+    return ctx.run.uri_of(f"round_{r}/ss/maps-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
 
 
 def boxes_from_masks(r: int, ctx: Context, rd: str | None = None):
@@ -387,11 +410,13 @@ def boxes_from_masks(r: int, ctx: Context, rd: str | None = None):
 
     cfg = ctx.cfg
     rd = rd or f"round_{r}"
-    score_fn = SSScoreFn(ctx.run.uri_of(f"round_{r}/ss/state.pt"), cfg, ctx.train.num_classes)()
+    score_fn = SSScoreFn(ctx.run.uri_of(f"round_{r}/ss/state.pt"), cfg, ctx.train.num_classes,
+                         maps_cache(ctx, r))()
     rows = []
     for i in range(0, len(ctx.train.records), 8):
         recs = ctx.train.records[i:i + 8]
-        for rec, s in zip(recs, score_fn([load_image(x) for x in recs])):
+        maps = score_fn([load_image(x) for x in recs], [x.image_id for x in recs])
+        for rec, s in zip(recs, maps):
             winner = s.argmax(0)
             for c in rec.class_ids:
                 n, lab, stats, cent = cv2.connectedComponentsWithStats(
@@ -450,7 +475,8 @@ def refine(r: int, ctx: Context, rd: str | None = None, boxes_from: str | None =
                .rename_columns(["image_id", "class_id", "x", "y"]))
     rows = stages.image_rows(ctx.train.records, boxes, anchors)
     ccgr_cfg = replace(round_ccgr_config(ctx, r, mask_boxes), enabled=cfg.ccgr.enabled and ccgr)
-    score_fn = SSScoreFn(ctx.run.uri_of(f"round_{r}/ss/state.pt"), cfg, ctx.train.num_classes)
+    score_fn = SSScoreFn(ctx.run.uri_of(f"round_{r}/ss/state.pt"), cfg, ctx.train.num_classes,
+                         maps_cache(ctx, r))
     gpus = 1.0 if cfg.train.use_gpu else 0.0
     info = stages.run_refine_stage(rows, score_fn, ccgr_cfg, r, ctx.run.uri_of(f"{rd}/pseudo.parquet"),
                                    min_actors=1, max_actors=max(1, cfg.train.num_workers),
