@@ -276,3 +276,25 @@ def test_weight_average_resumes_after_a_crash_and_is_what_the_branch_returns(ray
     assert not torch.equal(a[w], last[w])
     # a run without the average (ema_decay 0) saves no "ema": it ends with the last weights
     assert instance.final_weights({"model": last}) is last
+
+
+def test_proposals_stay_float32_under_bfloat16_autocast():
+    """Under train.cpu_bf16 the RPN's outputs, hence the proposals and the box-regression
+    targets, are float32: decoded in bfloat16 they sat on a ~1 px grid and boxes that
+    collapsed to zero size gave NaN targets. The head keeps torchvision's parameter names."""
+    cfg = ISConfig(backbone="resnet18", min_size=128, max_size=160)
+    model = instance.build_model(cfg, 2).eval()
+    assert isinstance(model.rpn.head, instance.Float32RPNHead)
+    assert {k for k in model.state_dict() if k.startswith("rpn.")} == {
+        "rpn.head.conv.0.0.weight", "rpn.head.conv.0.0.bias", "rpn.head.cls_logits.weight",
+        "rpn.head.cls_logits.bias", "rpn.head.bbox_pred.weight", "rpn.head.bbox_pred.bias"}
+    images = [torch.rand(3, 150, 130)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        image_list, _ = model.transform(images)
+        feats = model.backbone(image_list.tensors)
+        logits, deltas = model.rpn.head(list(feats.values()))
+        proposals, _ = model.rpn(image_list, feats)
+    assert all(t.dtype == torch.float32 for t in logits + deltas)
+    assert proposals[0].dtype == torch.float32
+    # off the bfloat16 grid: bfloat16 holds no fraction of 0.25 above 128
+    assert (proposals[0] % 1 != 0).any()

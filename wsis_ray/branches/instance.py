@@ -30,7 +30,9 @@ import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import (FastRCNNPredictor, TwoMLPHead,
+                                                      _default_anchorgen)
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import misc as misc_ops
 
@@ -43,6 +45,18 @@ from wsis_ray.data.records import encode_mask, resolve_fs
 
 
 # ---------------------------------------------------------------------------- model
+
+class Float32RPNHead(RPNHead):
+    """torchvision's RPN head (same parameters) whose objectness and box deltas leave in
+    float32. torchvision decodes the anchors in the deltas' dtype; under bfloat16 autocast
+    (train.cpu_bf16) that put the proposals on a ~1 px grid at 128-256 px, boxes collapsed
+    to zero height, and their box-regression targets, log(0 / 0), were NaN (the results
+    config's "no Det." IS training, step 14)."""
+
+    def forward(self, x: list[torch.Tensor]):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
 
 def _fpn_backbone(cfg: ISConfig, frozen_bn: bool, load_weights: bool,
                   init_trunk: dict[str, torch.Tensor] | None) -> BackboneWithFPN:
@@ -111,6 +125,9 @@ def build_model(cfg: ISConfig, num_classes: int, *, frozen_bn: bool | None = Non
         heads["box_predictor"] = FastRCNNPredictor(256, k)
         heads["mask_head"] = MaskRCNNHeads(ch, [128, 128], 1)
         heads["mask_predictor"] = MaskRCNNPredictor(128, 128, k)
+    anchors = _default_anchorgen()
+    heads["rpn_anchor_generator"] = anchors
+    heads["rpn_head"] = Float32RPNHead(ch, anchors.num_anchors_per_location()[0])
     return MaskRCNN(
         backbone, num_classes=None if cfg.light_heads else k,
         min_size=cfg.min_size, max_size=cfg.max_size,
