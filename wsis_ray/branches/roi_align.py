@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign as _TVMultiScaleRoIAlign
 from torchvision.ops import poolers
+from torchvision.ops._utils import convert_boxes_to_roi_format
 from torchvision.ops import roi_align as _tv_roi_align
 
 
@@ -30,7 +31,7 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
     if input.device.type != "cpu" or sampling_ratio <= 0:
         return _tv_roi_align(input, boxes, (ph, pw), spatial_scale, sampling_ratio, aligned)
-    rois = _roi_format(boxes, input) if isinstance(boxes, (list, tuple)) else boxes
+    rois = convert_boxes_to_roi_format(boxes) if isinstance(boxes, (list, tuple)) else boxes
     n, c, h, w = input.shape
     if len(rois) == 0:  # still part of the graph, like torchvision's empty output
         return input.flatten()[:0].view(0, c, ph, pw)
@@ -79,12 +80,6 @@ def axis_weights(start: Tensor, length: Tensor, bins: int, samples: int, size: i
     return weights.view(len(p), bins, samples, size).mean(2)
 
 
-def _roi_format(boxes: list[Tensor], like: Tensor) -> Tensor:
-    rois = [torch.cat([torch.full((len(b), 1), i, dtype=like.dtype, device=like.device),
-                       b.to(like.dtype)], dim=1) for i, b in enumerate(boxes)]
-    return torch.cat(rois) if rois else like.new_zeros((0, 5))
-
-
 class MultiScaleRoIAlign(_TVMultiScaleRoIAlign):
     """torchvision's FPN RoI pooler (boxes to levels by Eq. 1 of the FPN paper) over this
     module's `roi_align`; no parameters, so Mask R-CNN checkpoints are unchanged."""
@@ -95,7 +90,8 @@ class MultiScaleRoIAlign(_TVMultiScaleRoIAlign):
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = poolers._setup_scales(
                 feats, image_shapes, self.canonical_scale, self.canonical_level)
-        rois = _roi_format(boxes, feats[0])
+        # in the boxes' own dtype: cast to bfloat16 features, they would sit on a ~1 px grid
+        rois = convert_boxes_to_roi_format(boxes)
         levels = self.map_levels(boxes)
         out = feats[0].new_zeros((len(rois), feats[0].shape[1]) + tuple(self.output_size))
         for level, (f, scale) in enumerate(zip(feats, self.scales)):
