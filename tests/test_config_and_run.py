@@ -231,6 +231,56 @@ def test_summary_steps_follow_the_steps_they_summarise(tmp_path):
     assert run.is_done("round_2/eval")  # ordinary steps keep their old rule
 
 
+def test_a_recomputed_step_redoes_the_steps_that_read_it(tmp_path):
+    """An artefact deleted (or changed) after commit is rebuilt on resume; every later step
+    of the chain, and the rows and evaluations built on it, follow when the rebuilt content
+    differs. A recomputed evaluation redoes only itself and the summaries."""
+    import time
+    from types import SimpleNamespace
+
+    from wsis_ray import steps
+
+    run = RunDir(str(tmp_path / "run"))
+    ctx = SimpleNamespace(run=run, started=time.time(), seconds={})
+    calls, version = [], {}
+
+    def step(name):
+        def fn(_ctx):
+            calls.append(name)
+            version[name] = version.get(name, 0) + 1  # a rerun writes other content
+            run.write_text(f"{name}/out.txt", f"{name} v{version[name]}")
+            return [f"{name}/out.txt"], {}
+        return fn
+
+    names = ["seeds", "round_1/mil", "round_1/is", "round_1/eval", "baseline_cam/eval",
+             "table3_no_det/boxes", "table3_no_det/is", "round_1/update", "round_2/mil",
+             "final"]
+    plan = [(n, step(n)) for n in names]
+
+    def go():
+        calls.clear()
+        for i, (name, fn) in enumerate(plan):
+            steps.run_step(ctx, name, fn, inputs=steps.inputs_of(plan, i))
+        return list(calls)
+
+    assert go() == names
+    assert go() == []
+    (tmp_path / "run" / "round_1/is/out.txt").unlink()
+    assert go() == ["round_1/is", "round_1/eval", "baseline_cam/eval", "table3_no_det/boxes",
+                    "table3_no_det/is", "round_1/update", "round_2/mil", "final"]
+    (tmp_path / "run" / "round_1/eval/out.txt").unlink()
+    assert go() == ["round_1/eval", "final"]
+    (tmp_path / "run" / "table3_no_det/boxes/out.txt").unlink()
+    assert go() == ["table3_no_det/boxes", "table3_no_det/is", "final"]
+    # a run directory from before inputs were recorded: its artefacts alone decide
+    m = run.manifest()
+    for name in names[:-1]:
+        del m["steps"][name]["inputs"]
+    m["steps"]["round_1/mil"]["artefacts"]["round_1/mil/out.txt"] = "stale"
+    run.write_text("manifest.json", json.dumps(m))
+    assert go() == ["round_1/mil", "final"]
+
+
 def test_next_semantic_label_keeps_or_ignores_dropped_foreground():
     """Union of the IS masks (higher score wins); a class without a mask keeps its labels;
     previous foreground no mask covers is background (paper) or ignored (255)."""

@@ -70,6 +70,23 @@ def test_round_end_to_end(full_run):
     assert ctx.cfg.run_dir == str(run) and ctx.train_gt and ctx.train.records
 
 
+def test_seed_inputs_name_committed_steps(full_run):
+    """Each round-0 step's recorded inputs name steps the run really commits."""
+    from wsis_ray import seeds
+
+    base, _ = full_run
+    manifest = json.loads((base / "run" / "manifest.json").read_text())["steps"]
+    seed_steps = [n for n in manifest if n.startswith("seeds/")]
+    assert "seeds/bags" in seed_steps  # tiny.yaml skips the val split's seed figures
+    for name in seed_steps:
+        assert "inputs" in manifest[name], name
+        assert set(seeds._inputs(name)) <= set(manifest), (name, seeds._inputs(name))
+    val = [n.replace("seeds/", "seeds/val/") for n in seed_steps]  # the same steps on val
+    for name in val + ["seeds/metrics"]:
+        assert set(seeds._inputs(name)) <= set(manifest) | set(val), (name, seeds._inputs(name))
+    assert manifest["seeds"]["artefacts"]  # the rounds see a recomputed seed
+
+
 def test_rerun_skips_everything(full_run, address):
     base, _ = full_run
     proc = subprocess.run(_job(base / "run", base / "data", address), capture_output=True,

@@ -95,7 +95,9 @@ class RunDir:
         entry = steps.get(step)
         if entry is None:
             return False
-        if inputs is not None and entry.get("inputs") != _inputs_digest(steps, inputs):
+        # (an entry without "inputs" predates their recording: its artefacts decide)
+        if inputs is not None and "inputs" in entry \
+                and entry["inputs"] != _inputs_digest(steps, inputs):
             return False
         # An artefact that vanished or changed after commit means the step is not done.
         return all(self.exists(a) and self._hash(a) == h for a, h in entry["artefacts"].items())

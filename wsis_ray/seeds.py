@@ -40,6 +40,23 @@ def _dir(split: str) -> str:
     return "seeds" if split == "train" else f"seeds/{split}"
 
 
+# What each round-0 step reads (by step name, "{d}" = this split's directory): a step is
+# redone once one of these was recomputed with other content (RunDir.is_done's `inputs`).
+SEED_INPUTS = {
+    "peaks": ["seeds/cam"],
+    "affinity": ["seeds/cam", "seeds/peaks"],        # the trunk and the train CAMs
+    "semantic": ["seeds/affinity", "{d}/peaks"],     # AffinityNet on this split's CAMs
+    "bags": ["{d}/proposals", "{d}/peaks", "{d}/semantic"],
+    "metrics": ["seeds/cam", "seeds/affinity"] + [f"seeds/val/{n}" for n in
+                                                  ("peaks", "proposals", "semantic", "bags")],
+}
+
+
+def _inputs(step: str) -> list[str]:
+    d, name = step.rsplit("/", 1)
+    return [n.format(d=d) for n in SEED_INPUTS.get(name, [])]
+
+
 def _records(dataset) -> list[dict]:
     return [dataclasses.asdict(r) for r in dataset.records]
 
@@ -70,7 +87,7 @@ def train_cam(cfg: Config, dataset, run: RunDir, split: str = "train") -> None:
     from wsis_ray.train import fit, load_result_state
 
     step, rel = "seeds/cam", "seeds/cam/state.pt"
-    if run.is_done(step):
+    if run.is_done(step, _inputs(step)):
         return
     t0 = time.time()
     loop_config = {
@@ -86,7 +103,8 @@ def train_cam(cfg: Config, dataset, run: RunDir, split: str = "train") -> None:
                            "cam": dataclasses.asdict(cfg.cam),
                            "backbone": dataclasses.asdict(cfg.backbone)})
     run.commit(step, [rel], {"loss": float(result.metrics.get("loss", float("nan"))),
-                             "steps": int(state["step"])}, time.time() - t0)
+                             "steps": int(state["step"])}, time.time() - t0,
+               inputs=_inputs(step))
 
 
 class _CamPredictor:
@@ -142,7 +160,7 @@ def cam_outputs(cfg: Config, dataset, run: RunDir, split: str = "train") -> None
 
     d = _dir(split)
     step = f"{d}/peaks"
-    if run.is_done(step):
+    if run.is_done(step, _inputs(step)):
         return
     t0 = time.time()
     rows = (ray.data.from_items(_records(dataset))
@@ -164,7 +182,8 @@ def cam_outputs(cfg: Config, dataset, run: RunDir, split: str = "train") -> None
     }, schema=PEAKS_SCHEMA)
     write_table_atomic(table, run.uri_of(f"{d}/peaks.parquet"))
     run.commit(step, [f"{d}/cams.parquet", f"{d}/peaks.parquet"],
-               {"peaks": len(flat), "images": len(rows)}, time.time() - t0)
+               {"peaks": len(flat), "images": len(rows)}, time.time() - t0,
+               inputs=_inputs(step))
 
 
 # -- proposals ----------------------------------------------------------------------------
@@ -195,7 +214,7 @@ def compute_proposals(cfg: Config, dataset, run: RunDir, split: str = "train") -
 
     d = _dir(split)
     step = f"{d}/proposals"
-    if run.is_done(step):
+    if run.is_done(step, _inputs(step)):
         return
     if cfg.proposals.method not in ("selective_search", "mcg"):
         raise ValueError(f"proposals.method must be selective_search or mcg, "
@@ -214,7 +233,7 @@ def compute_proposals(cfg: Config, dataset, run: RunDir, split: str = "train") -
     counts = [len(r["objectness"]) for r in rows]
     run.commit(step, [f"{d}/proposals.parquet"],
                {"images": len(rows), "mean_proposals": float(np.mean(counts)) if counts else 0},
-               time.time() - t0)
+               time.time() - t0, inputs=_inputs(step))
 
 
 def _proposals_table(rows: list[dict]):
@@ -253,7 +272,7 @@ def train_affinity(cfg: Config, dataset, run: RunDir, split: str = "train") -> N
     from wsis_ray.train import fit, load_result_state
 
     step, rel = "seeds/affinity", "seeds/affinity/state.pt"
-    if run.is_done(step):
+    if run.is_done(step, _inputs(step)):
         return
     t0 = time.time()
     init = None
@@ -274,7 +293,7 @@ def train_affinity(cfg: Config, dataset, run: RunDir, split: str = "train") -> N
                            "backbone": dataclasses.asdict(cfg.backbone)})
     m = result.metrics or {}
     run.commit(step, [rel], {k: float(m[k]) for k in ("loss", "bg", "fg", "neg") if k in m},
-               time.time() - t0)
+               time.time() - t0, inputs=_inputs(step))
 
 
 class _SemanticPredictor:
@@ -323,7 +342,7 @@ def semantic_labels(cfg: Config, dataset, run: RunDir, split: str = "train") -> 
 
     d = _dir(split)
     step = f"{d}/semantic"
-    if run.is_done(step):
+    if run.is_done(step, _inputs(step)):
         return
     t0 = time.time()
     cams = {row["image_id"]: row for row in read_table(run.uri_of(f"{d}/cams.parquet")).to_pylist()}
@@ -338,7 +357,8 @@ def semantic_labels(cfg: Config, dataset, run: RunDir, split: str = "train") -> 
             .take_all())
     for r in rows:
         run.write_bytes(f"{d}/semantic/{int(r['image_id'])}.png", bytes(r["png"]))
-    run.commit(step, [f"{d}/semantic"], {"images": len(rows)}, time.time() - t0)
+    run.commit(step, [f"{d}/semantic"], {"images": len(rows)}, time.time() - t0,
+               inputs=_inputs(step))
 
 
 def read_semantic(run: RunDir, image_id: int, split: str = "train") -> np.ndarray:
@@ -357,7 +377,7 @@ def make_bags(cfg: Config, dataset, run: RunDir, split: str = "train") -> None:
 
     d = _dir(split)
     step = f"{d}/bags"
-    if run.is_done(step):
+    if run.is_done(step, _inputs(step)):
         return
     t0 = time.time()
     props = read_proposals(run.uri_of(f"{d}/proposals.parquet"))
@@ -376,7 +396,8 @@ def make_bags(cfg: Config, dataset, run: RunDir, split: str = "train") -> None:
                          "proposal_indices": b.proposal_indices.tolist()})
     write_table_atomic(pa.Table.from_pylist(rows, schema=BAGS_SCHEMA),
                        run.uri_of(f"{d}/bags.parquet"))
-    run.commit(step, [f"{d}/bags.parquet"], {"bags": len(rows), **totals}, time.time() - t0)
+    run.commit(step, [f"{d}/bags.parquet"], {"bags": len(rows), **totals}, time.time() - t0,
+               inputs=_inputs(step))
 
 
 def read_bags(uri: str) -> dict[int, list[bags.Bag]]:
@@ -458,7 +479,7 @@ def run_seeds(cfg: Config, run: RunDir, evaluate: bool = True) -> dict[str, Any]
         step(cfg, dataset, run)
     if not evaluate:
         return {}
-    if run.is_done("seeds/metrics"):
+    if run.is_done("seeds/metrics", _inputs("seeds/metrics")):
         return run.metrics("seeds/metrics")
     t0 = time.time()
     val = load_eval_dataset(cfg.data, "val")
@@ -472,7 +493,8 @@ def run_seeds(cfg: Config, run: RunDir, evaluate: bool = True) -> dict[str, Any]
                           if k.startswith("seeds/")}
     metrics["seconds"]["seeds/metrics"] = round(time.time() - t0, 1)
     run.write_text("seeds/metrics.json", json.dumps(metrics, indent=1))
-    run.commit("seeds/metrics", ["seeds/metrics.json"], metrics, time.time() - t0)
+    run.commit("seeds/metrics", ["seeds/metrics.json"], metrics, time.time() - t0,
+               inputs=_inputs("seeds/metrics"))
     return metrics
 
 

@@ -169,7 +169,11 @@ def make_seeds(ctx: Context):
         fn(ctx.cfg, ctx.train, ctx.run)
         print(f"  [seeds] {fn.__name__} {_fmt(time.time() - t0)}", flush=True)
     metrics = seeds.run_seeds(ctx.cfg, ctx.run, evaluate=ctx.cfg.round.seed_figures)
-    return [], {k: v for k, v in metrics.items() if k != "seconds"}
+    # the sub-steps' artefacts, so that the rounds see a recomputed seed (`inputs_of`)
+    done = ctx.run.manifest()["steps"]
+    artefacts = sorted({a for k, v in done.items() if k.startswith("seeds/")
+                        for a in v["artefacts"]})
+    return artefacts, {k: v for k, v in metrics.items() if k != "seconds"}
 
 
 # Steps that summarise every step before them: redone whenever one of those was added or
@@ -178,9 +182,24 @@ def make_seeds(ctx: Context):
 SUMMARIES = ("final", "report")
 
 
-def inputs_of(plan: list[tuple[str, Step]], i: int) -> list[str] | None:
-    """What step i of the plan is computed from, when that decides whether it is done."""
-    return [n for n, _ in plan[:i]] if plan[i][0] in SUMMARIES else None
+def _is_leaf(name: str) -> bool:
+    """A step no later step of the method reads: an evaluation, or a comparison row."""
+    return name.endswith("/eval") or name.split("/")[0] in ABLATIONS
+
+
+def inputs_of(plan: list[tuple[str, Step]], i: int) -> list[str]:
+    """The earlier steps whose committed artefacts step i is computed from: a step is redone
+    once one of them was recomputed with other content (an artefact deleted or changed, then
+    rebuilt on resume). Conservatively every earlier step of the method's chain (a round
+    reads its predecessor's bags, labels and trunk, which read theirs) and the row's own
+    earlier steps, but no evaluation or comparison row, which nothing downstream reads; a
+    summary step reads them all."""
+    name = plan[i][0]
+    if name in SUMMARIES:
+        return [n for n, _ in plan[:i]]
+    row = name.split("/")[0]
+    return [n for n, _ in plan[:i]
+            if not _is_leaf(n) or (row in ABLATIONS and n.split("/")[0] == row)]
 
 
 def run_step(ctx: Context, name: str, fn: Step, remaining: list[str] | None = None,
