@@ -2,8 +2,9 @@
 
 Measures images/s, in one run and on the same images and SS weights:
   plain  - the same stage classes called in a plain loop (no Ray),
-  ray_1  - Ray Data, one actor per stage, on a simulated 2-node cluster,
-  ray_2  - Ray Data, two actors per stage (one per node).
+  ray_1  - Ray Data, one CCGR actor (and on CPU two score-map actors sharing its CPUs,
+           stages.run_refine_stage), on a simulated 2-node cluster,
+  ray_2  - Ray Data, twice that (one CCGR actor per node).
 Prints one JSON line with the figures, the Ray overhead ratio (plain / ray_1 throughput)
 and the scaling efficiency (ray_2 / (2 * ray_1)).
 

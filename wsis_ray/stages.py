@@ -288,12 +288,18 @@ def run_refine_stage(rows: list[dict], make_score_fn: Callable[[], ScoreFn], cfg
     parent = out_path.rsplit("/", 1)[0]
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
     fs.create_dir(tmp, recursive=True)
+    # On CPU the score maps (SS inference and the dense CRF) cost several times the CCGR
+    # after them, and one map actor kept its CCGR actor waiting with a core idle (README
+    # "Results"): there, two map actors per CCGR actor share its CPUs. A GPU map actor holds
+    # a whole GPU, so on GPUs the stages stay one to one.
+    maps_per_refine, map_cpus = (1, cpus_per_actor) if num_gpus else (2, cpus_per_actor / 2)
     ds = ray.data.from_items(rows)
     ds = ds.map_batches(ScoreMaps, fn_constructor_kwargs={"make_score_fn": make_score_fn,
-                                                          "ray_cpus": cpus_per_actor},
+                                                          "ray_cpus": map_cpus},
                         batch_size=batch_size, batch_format="numpy",
-                        compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-                        num_gpus=num_gpus, num_cpus=cpus_per_actor)
+                        compute=ActorPoolStrategy(min_size=maps_per_refine * min_actors,
+                                                  max_size=maps_per_refine * max_actors),
+                        num_gpus=num_gpus, num_cpus=map_cpus)
     ds = ds.map_batches(Refine, fn_constructor_kwargs={"cfg": asdict(cfg),
                                                        "round_index": round_index,
                                                        "ray_cpus": cpus_per_actor},
